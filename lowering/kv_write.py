@@ -1,0 +1,39 @@
+"""specc::kv_write — store the K or V of new tokens into the static cache.
+
+    cache[layer, b, :, cache_len[b] + t, :] = new[b, :, t, :]      for t < T
+
+`cache` is the stacked static cache [L, B, Hkv, S, D] that the runtime owns; one tensor for
+all layers, so that commit (commit_kv.py) moves an accepted path in one launch. Tree nodes
+are written at cache_len + node index; commit later moves the accepted ones into place.
+The op mutates `cache` in place: Inductor re-inplaces it, so no copy of the cache is made.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specc.lowering.registry import kernel_enabled
+
+
+def kv_write_reference(cache: torch.Tensor, layer: int, new: torch.Tensor, cache_len: torch.Tensor) -> None:
+    batch, _, steps, _ = new.shape
+    positions = cache_len.long()[:, None] + torch.arange(steps, device=new.device)[None, :]  # [B, T]
+    rows = torch.arange(batch, device=new.device)[:, None].expand(batch, steps)
+    # new[b, :, t] -> cache[layer, b, :, positions[b, t]]; indexing a [B, S, Hkv, D] view by
+    # (rows, positions) addresses [B, T, Hkv, D], which is new with heads and steps swapped.
+    cache[layer].transpose(1, 2)[rows, positions] = new.transpose(1, 2).to(cache.dtype)
+
+
+@torch.library.custom_op("specc::kv_write", mutates_args=("cache",))
+def kv_write(cache: torch.Tensor, layer: int, new: torch.Tensor, cache_len: torch.Tensor) -> None:
+    if new.is_cuda and kernel_enabled():
+        from specc.lowering.kv_write_triton import kv_write_triton
+
+        kv_write_triton(cache, layer, new, cache_len)
+        return
+    kv_write_reference(cache, layer, new, cache_len)
+
+
+@kv_write.register_fake
+def _(cache: torch.Tensor, layer: int, new: torch.Tensor, cache_len: torch.Tensor) -> None:
+    return None

@@ -1,0 +1,82 @@
+"""The programs the runtime loops, derived from the one rewritten target program.
+
+  prefill(input_ids, prompt_lens, cache_len, k_cache, v_cache) -> (next_logits [B, V], next_hidden [B, H])
+      right-padded prompts, causal tree mask; padding writes K/V past each prompt's end,
+      which later writes overwrite, so only cache_len matters.
+  plain_step(tokens, cache_len, k_cache, v_cache, seeds) -> (out_tokens [B, 1], n_out [B])
+      one token per sequence; updates tokens, cache_len and the caches in place, so the same
+      static buffers serve every replay of the step's CUDA graph.
+
+Each is plain traced Python over specc ops, compiled by Inductor as one graph: fixed shapes
+(the step), no .item(), no data-dependent control flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from specc.passes.pipeline import TargetProgram, causal_mask
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} is negative; use 0 for greedy or a positive value")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} is negative; use 0 to disable top-k")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} is outside (0, 1]; use 1.0 to disable top-p")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def choose_tokens(logits: torch.Tensor, sampling: Sampling, seeds: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> tokens [B]; sampling draws from a counter-based generator keyed by
+    (seed, counter), so a request's output does not depend on its batch position."""
+    if sampling.greedy:
+        return logits.argmax(-1)
+    from specc.lowering.sampling import sample_from, shape_logits, uniform
+
+    probs = shape_logits(logits.float(), sampling.temperature, sampling.top_k, sampling.top_p)
+    u = uniform(seeds, counter, torch.zeros_like(counter))
+    return sample_from(probs, u)
+
+
+def make_prefill(program: TargetProgram) -> Callable:
+    def prefill(input_ids, prompt_lens, cache_len, k_cache, v_cache):
+        batch, steps = input_ids.shape
+        positions = cache_len[:, None] + torch.arange(steps, device=input_ids.device)[None, :]
+        mask = causal_mask(batch, steps, input_ids.device)
+        logits, hidden, *_ = program(input_ids, positions, cache_len, mask, k_cache, v_cache)
+        rows = torch.arange(batch, device=input_ids.device)
+        last = prompt_lens - 1
+        return logits[rows, last], hidden[rows, last]
+
+    return prefill
+
+
+def make_plain_step(program: TargetProgram, sampling: Sampling) -> Callable:
+    def plain_step(tokens, cache_len, k_cache, v_cache, seeds):
+        batch = tokens.shape[0]
+        positions = cache_len[:, None]
+        mask = torch.ones(batch, 1, 1, dtype=torch.bool, device=tokens.device)
+        logits = program(tokens, positions, cache_len, mask, k_cache, v_cache)[0][:, -1]
+        # the counter is the position of the token being drawn: unique per request and step
+        chosen = choose_tokens(logits, sampling, seeds, cache_len + 1)
+        tokens.copy_(chosen[:, None])
+        cache_len.add_(1)
+        return chosen[:, None], torch.ones_like(cache_len)
+
+    return plain_step

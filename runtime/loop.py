@@ -1,0 +1,106 @@
+"""The decode loop: prefill, then replay the compiled step until every sequence stops.
+
+The runtime knows nothing of graphs or kernels. It owns the static buffers, calls
+`prefill(...)` once and `step(...)` (a CUDA-graph replay on GPU) repeatedly. Each step emits
+up to K tokens per sequence (`out_tokens [B, K]`, `n_out [B]`): 1 for plain decode, the
+accepted path plus the bonus token for speculative decode. Those are copied to pinned host
+memory without waiting; the host reads a step's tokens only `lag` steps later, so stop
+checks never stall the GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from specc.runtime.buffers import DecodeBuffers
+from specc.runtime.cuda_graph import StepGraph
+from specc.runtime.stop import StopChecker
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # new tokens per sequence, stop token included when hit
+    steps: int  # decode steps summed over sequences (target forwards each sequence used)
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        total = self.prefill_seconds + self.decode_seconds
+        return self.new_tokens / total if total > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    @property
+    def mean_accept_length(self) -> float:
+        """Tokens per target forward, bonus included (prefill's first token not counted)."""
+        emitted = sum(len(t) - 1 for t in self.tokens)
+        return emitted / self.steps if self.steps else float("nan")
+
+
+class DecodeLoop:
+    def __init__(
+        self,
+        prefill: Callable,
+        step: Callable,
+        buffers: DecodeBuffers,
+        use_cuda_graph: bool,
+        lag: int = 2,
+    ) -> None:
+        self.prefill = prefill
+        self.buffers = buffers
+        self.lag = lag
+        self.step = StepGraph(step, buffers.step_args()) if use_cuda_graph else None
+        self._eager_step = step
+
+    def run(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        seeds: Sequence[int],
+        choose_first: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> GenerationOutput:
+        buffers = self.buffers
+        device = buffers.k_cache.device
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        input_ids, prompt_lens = buffers.load_prompts(prompts, seeds)
+        logits, hidden = self.prefill(input_ids, prompt_lens, *buffers.prefill_args())
+        buffers.after_prefill(prompt_lens, choose_first(logits, hidden))
+        first = buffers.tokens[:, 0].cpu().tolist()
+        prefill_seconds = time.perf_counter() - start
+
+        stops = StopChecker(len(prompts), max_new_tokens, stop_ids)
+        stops.extend_all([[t] for t in first], count_step=False)
+        start = time.perf_counter()
+        pending: deque = deque()
+        steps = 0
+        # Every step gives each running sequence at least one token, so max_new_tokens steps
+        # always suffice; results are read `lag` steps behind the GPU.
+        while not stops.all_done and (steps < max_new_tokens or pending):
+            if steps < max_new_tokens:
+                out_tokens, n_out = self.step.replay() if self.step else self._eager_step(*buffers.step_args())
+                steps += 1
+                pending.append(buffers.read_back(out_tokens, n_out))
+            if len(pending) > self.lag or steps >= max_new_tokens:
+                stops.extend_all(pending.popleft().result())
+        sync()
+        decode_seconds = time.perf_counter() - start
+        tokens = stops.tokens
+        return GenerationOutput(
+            tokens=tokens,
+            steps=sum(stops.steps_taken),
+            new_tokens=sum(len(t) for t in tokens),
+            prefill_seconds=prefill_seconds,
+            decode_seconds=decode_seconds,
+        )

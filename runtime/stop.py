@@ -1,0 +1,34 @@
+"""Stop conditions: a stop token or the token budget, per sequence."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class StopChecker:
+    def __init__(self, batch: int, max_new_tokens: int, stop_ids: Sequence[int]) -> None:
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = frozenset(stop_ids)
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.done = [False] * batch
+        self.steps_taken = [0] * batch  # decode steps each sequence used while still running
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    @property
+    def steps_used(self) -> int:
+        return max(self.steps_taken, default=0)
+
+    def extend_all(self, new_tokens: Sequence[Sequence[int]], count_step: bool = True) -> None:
+        for row, new in enumerate(new_tokens):
+            if self.done[row]:
+                continue
+            if count_step:
+                self.steps_taken[row] += 1
+            for token in new:
+                self.tokens[row].append(token)
+                if token in self.stop_ids or len(self.tokens[row]) >= self.max_new_tokens:
+                    self.done[row] = True
+                    break

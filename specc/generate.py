@@ -1,0 +1,172 @@
+"""`specc.generate`: the user's call. Tokens in, tokens and statistics out.
+
+    compiled = torch.compile(model, backend=specc.backend())
+    out = specc.generate(compiled, [prompt_ids], max_new_tokens=128)
+    out.tokens, out.tokens_per_second, out.mean_accept_length
+
+The first call traces the model (Dynamo -> specc's passes), then builds and compiles the
+prefill and step programs for the batch size and cache length asked for, and captures the
+step in a CUDA graph on GPU. Later calls with the same configuration reuse all of that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from specc.backend import SpeccBackend, capture
+from specc.passes.decode_step import Sampling, choose_tokens, make_plain_step, make_prefill
+from specc.passes.pipeline import TargetProgram
+from specc.runtime.buffers import DecodeBuffers
+from specc.runtime.loop import DecodeLoop, GenerationOutput
+
+
+class UnsupportedModelError(RuntimeError):
+    """specc's passes did not recognise the model; the message says which node and why."""
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    batch: int
+    max_seq_len: int
+    sampling: Sampling
+    compile: bool
+    cuda_graph: bool
+
+
+def _unwrap(compiled: torch.nn.Module) -> torch.nn.Module:
+    original = getattr(compiled, "_orig_mod", None)
+    if original is None:
+        raise TypeError(
+            "specc.generate takes the module returned by torch.compile(model, backend=specc.backend()); "
+            f"got a plain {type(compiled).__name__}"
+        )
+    return original
+
+
+def _is_hf(model: torch.nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.")
+
+
+def target_program(compiled: torch.nn.Module) -> tuple[TargetProgram, SpeccBackend]:
+    """The rewritten target program of a compiled model (traced once, then cached on it)."""
+    cached = compiled.__dict__.get("_specc_capture")
+    if cached is not None:
+        return cached
+    model = _unwrap(compiled)
+    vocab = model.config.vocab_size
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(1234)
+    # Batch 2 and length 7 differ, so Dynamo keeps two size symbols instead of one.
+    probe = torch.randint(0, vocab, (2, 7), generator=generator).to(device)
+    slot = capture(compiled, probe, {"use_cache": False} if _is_hf(model) else {})
+    if slot.program is None:
+        reason = slot.error or "the backend was not called; compile the model with backend=specc.backend()"
+        raise UnsupportedModelError(f"specc cannot drive this model's decode: {reason}")
+    compiled.__dict__["_specc_capture"] = (slot.program, slot.backend)
+    return slot.program, slot.backend
+
+
+def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int, max_seq_len: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one token")
+    if not prompts:
+        raise ValueError("no prompts given; pass a list of token-id lists")
+    for index, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {index} is empty; give at least one token (e.g. the BOS or chat template)")
+        for position, token in enumerate(prompt):
+            if not 0 <= int(token) < vocab_size:
+                raise ValueError(
+                    f"prompt {index} has token id {int(token)} at position {position}, outside the vocabulary [0, {vocab_size})"
+                )
+        needed = len(prompt) + max_new_tokens
+        if needed > max_seq_len:
+            raise ValueError(
+                f"prompt {index} has {len(prompt)} tokens and max_new_tokens={max_new_tokens} needs {needed} cache "
+                f"positions, but the cache holds {max_seq_len}; pass max_seq_len={needed} or shorten the prompt"
+            )
+
+
+def _as_prompt_lists(prompts) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):
+        prompts = [prompts]
+    return [list(map(int, p)) for p in prompts]
+
+
+class PlainEngine:
+    """Compiled prefill + one-token step for one batch size and cache length."""
+
+    def __init__(self, program: TargetProgram, key: EngineKey) -> None:
+        self.key = key
+        self.program = program
+        prefill = make_prefill(program)
+        step = make_plain_step(program, key.sampling)
+        if key.compile:
+            prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
+            step = torch.compile(step, fullgraph=True, dynamic=False)
+        k_cache, v_cache = program.new_cache(key.batch, key.max_seq_len)
+        self.buffers = DecodeBuffers(k_cache, v_cache, program.vocab_size)
+        with torch.no_grad():
+            self.loop = DecodeLoop(prefill, step, self.buffers, use_cuda_graph=key.cuda_graph)
+
+    def choose_first(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        # the first new token sits at position prompt_len, the counter plain_step would use
+        return choose_tokens(logits, self.key.sampling, self.buffers.seeds, self.buffers.cache_len)
+
+
+def _default_max_seq_len(prompts: list[list[int]], max_new_tokens: int) -> int:
+    # round up so that nearby requests share one compiled configuration
+    needed = max(len(p) for p in prompts) + max_new_tokens
+    return 256 * math.ceil(needed / 256)
+
+
+@torch.no_grad()
+def generate(
+    compiled: torch.nn.Module,
+    prompts,
+    max_new_tokens: int = 128,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | Sequence[int] = 0,
+    stop_ids: Sequence[int] = (),
+    max_seq_len: int | None = None,
+    compile: bool = True,
+    cuda_graph: bool | None = None,
+) -> GenerationOutput:
+    """Generate up to `max_new_tokens` for each prompt (lists of token ids; one list or many).
+
+    temperature 0 is greedy; otherwise sampling with top_k / top_p, seeded per request
+    (`seed` an int for all, or one per prompt). Stops a sequence at any of `stop_ids`.
+    """
+    program, _backend = target_program(compiled)
+    prompts = _as_prompt_lists(prompts)
+    sampling = Sampling(temperature, top_k, top_p)
+    max_seq_len = max_seq_len or _default_max_seq_len(prompts, max_new_tokens)
+    validate_prompts(prompts, program.vocab_size, max_new_tokens, max_seq_len)
+    seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; pass one seed or one per prompt")
+    on_gpu = program.device.type == "cuda"
+    key = EngineKey(
+        batch=len(prompts),
+        max_seq_len=max_seq_len,
+        sampling=sampling,
+        compile=compile,
+        cuda_graph=(on_gpu and compile) if cuda_graph is None else cuda_graph,
+    )
+    if key.cuda_graph and not on_gpu:
+        raise ValueError("cuda_graph=True needs the model on a CUDA device")
+    engines = compiled.__dict__.setdefault("_specc_engines", {})
+    if key not in engines:
+        engines[key] = PlainEngine(program, key)
+    engine = engines[key]
+    return engine.loop.run(prompts, max_new_tokens, stop_ids, seeds, engine.choose_first)

@@ -1,0 +1,91 @@
+"""specc.generate end to end: greedy equals the model's own greedy decode; bad input fails
+clearly and leaves the engine usable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import specc
+from specc.models.llama import LlamaConfig
+from tests.models_factory import hf_llama, reference_llama
+from tests.strategies import llama_configs, prompts
+
+SMALL = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+
+
+def _hf_greedy(model, prompt, n):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                         pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+@settings(max_examples=8)
+@given(config=llama_configs(), seed=st.integers(0, 2**16), data=st.data())
+def test_plain_greedy_equals_reference_greedy(config, seed, data):
+    torch._dynamo.reset()
+    model = reference_llama(config, seed)
+    batch_prompts = data.draw(prompts(config.vocab_size))
+    new = data.draw(st.integers(1, 8))
+    out = specc.generate(torch.compile(model, backend=specc.backend()), batch_prompts, max_new_tokens=new, compile=False)
+    for prompt, tokens in zip(batch_prompts, out.tokens):
+        assert tokens == model.greedy_reference(torch.tensor([prompt]), new)[0].tolist()
+
+
+@pytest.mark.slow
+def test_compiled_greedy_equals_hf_generate_for_both_implementations():
+    """Through Inductor (CPU), batch of prompts of different lengths."""
+    batch_prompts = [[5, 17, 33, 2, 9], [1, 2, 3], [40, 41, 42, 43, 44, 45, 46]]
+    hf = hf_llama(SMALL, seed=7)
+    expected = [_hf_greedy(hf, p, 12) for p in batch_prompts]
+    for model in (hf, reference_llama(SMALL, seed=7)):
+        torch._dynamo.reset()
+        out = specc.generate(torch.compile(model, backend=specc.backend()), batch_prompts, max_new_tokens=12)
+        assert out.tokens == expected
+        assert out.tokens_per_second > 0
+
+
+def test_stop_token_ends_each_sequence_separately():
+    model = reference_llama(SMALL, seed=3)
+    compiled = torch.compile(model, backend=specc.backend())
+    batch_prompts = [[4, 8, 15], [16, 23, 42]]
+    free = specc.generate(compiled, batch_prompts, max_new_tokens=10, compile=False)
+    stop = free.tokens[0][3]
+    out = specc.generate(compiled, batch_prompts, max_new_tokens=10, stop_ids=[stop], compile=False)
+    first_stop = free.tokens[0].index(stop)
+    assert out.tokens[0] == free.tokens[0][: first_stop + 1]
+    expected_other = free.tokens[1][: free.tokens[1].index(stop) + 1] if stop in free.tokens[1] else free.tokens[1]
+    assert out.tokens[1] == expected_other
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompts": [[]]}, "prompt 0 is empty"),
+        ({"prompts": [[1, 2], [3, 96]]}, "prompt 1 has token id 96 at position 1, outside the vocabulary"),
+        ({"prompts": [[1, -1]]}, "token id -1"),
+        ({"prompts": [[1] * 60], "max_new_tokens": 10, "max_seq_len": 64}, "cache holds 64; pass max_seq_len=70"),
+        ({"prompts": [[1]], "max_new_tokens": 0}, "max_new_tokens=0"),
+        ({"prompts": [[1]], "temperature": -1.0}, "temperature=-1.0 is negative"),
+        ({"prompts": [[1]], "top_p": 0.0}, "top_p=0.0 is outside"),
+        ({"prompts": [[1], [2]], "seed": [1, 2, 3]}, "3 seeds for 2 prompts"),
+    ],
+)
+def test_bad_input_raises_clear_error_and_engine_stays_usable(kwargs, message):
+    model = reference_llama(SMALL, seed=5)
+    compiled = torch.compile(model, backend=specc.backend())
+    good = specc.generate(compiled, [[1, 2, 3]], max_new_tokens=4, compile=False, max_seq_len=64)
+    kwargs = dict(kwargs)
+    batch_prompts = kwargs.pop("prompts")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        specc.generate(compiled, batch_prompts, compile=False, **{"max_new_tokens": 4, **kwargs})
+    again = specc.generate(compiled, [[1, 2, 3]], max_new_tokens=4, compile=False, max_seq_len=64)
+    assert again.tokens == good.tokens
+
+
+def test_generate_rejects_an_uncompiled_model():
+    with pytest.raises(TypeError, match="torch.compile"):
+        specc.generate(reference_llama(SMALL), [[1, 2]])
