@@ -20,6 +20,7 @@ import torch
 from specc.backend import SpeccBackend, capture
 from specc.passes.decode_step import Sampling, choose_tokens, make_plain_step, make_prefill
 from specc.passes.pipeline import TargetProgram
+from specc.passes.speculative_step import TreePlan, make_spec_prefill, make_spec_step
 from specc.runtime.buffers import DecodeBuffers
 from specc.runtime.loop import DecodeLoop, GenerationOutput
 
@@ -35,6 +36,7 @@ class EngineKey:
     sampling: Sampling
     compile: bool
     cuda_graph: bool
+    tree: TreePlan | None = None  # None: plain decode
 
 
 def _unwrap(compiled: torch.nn.Module) -> torch.nn.Module:
@@ -70,7 +72,16 @@ def target_program(compiled: torch.nn.Module) -> tuple[TargetProgram, SpeccBacke
     return slot.program, slot.backend
 
 
-def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int, max_seq_len: int) -> None:
+def cache_positions_needed(prompt_len: int, max_new_tokens: int, plan: TreePlan | None) -> int:
+    """Cache positions a request may touch: a speculative step can advance depth + 1 positions
+    (even past max_new_tokens, before the host sees the stop) and writes its whole tree."""
+    if plan is None:
+        return prompt_len + max_new_tokens
+    return prompt_len + max_new_tokens * (plan.max_depth + 1) + plan.size + plan.max_depth + 1
+
+
+def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int, max_seq_len: int,
+                     plan: TreePlan | None = None) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one token")
     if not prompts:
@@ -83,7 +94,7 @@ def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_
                 raise ValueError(
                     f"prompt {index} has token id {int(token)} at position {position}, outside the vocabulary [0, {vocab_size})"
                 )
-        needed = len(prompt) + max_new_tokens
+        needed = cache_positions_needed(len(prompt), max_new_tokens, plan)
         if needed > max_seq_len:
             raise ValueError(
                 f"prompt {index} has {len(prompt)} tokens and max_new_tokens={max_new_tokens} needs {needed} cache "
@@ -100,30 +111,65 @@ def _as_prompt_lists(prompts) -> list[list[int]]:
     return [list(map(int, p)) for p in prompts]
 
 
-class PlainEngine:
-    """Compiled prefill + one-token step for one batch size and cache length."""
+class Engine:
+    """Compiled prefill + step for one batch size, cache length, sampling rule and tree."""
 
-    def __init__(self, program: TargetProgram, key: EngineKey) -> None:
+    def __init__(self, program: TargetProgram, key: EngineKey, draft=None) -> None:
         self.key = key
         self.program = program
-        prefill = make_prefill(program)
-        step = make_plain_step(program, key.sampling)
+        k_cache, v_cache = program.new_cache(key.batch, key.max_seq_len)
+        extra = ()
+        if key.tree is None:
+            prefill, step = make_prefill(program), make_plain_step(program, key.sampling)
+        else:
+            if not key.sampling.greedy:
+                raise NotImplementedError(
+                    "speculative sampling is not wired in yet; use temperature=0 or a backend without a draft"
+                )
+            prefill, step = make_spec_prefill(program, draft), make_spec_step(program, draft, key.tree)
+            draft_k, draft_v = draft.new_cache(key.batch, key.max_seq_len, program.dtype, program.device)
+            slots = key.tree.max_depth + 1
+            extra = (
+                draft_k,
+                draft_v,
+                torch.zeros(key.batch, slots, dtype=torch.int64, device=program.device),
+                torch.zeros(key.batch, slots, program.hidden_size, dtype=program.dtype, device=program.device),
+                torch.ones(key.batch, dtype=torch.int64, device=program.device),
+            )
         if key.compile:
             prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
             step = torch.compile(step, fullgraph=True, dynamic=False)
-        k_cache, v_cache = program.new_cache(key.batch, key.max_seq_len)
-        self.buffers = DecodeBuffers(k_cache, v_cache, program.vocab_size)
+        self.buffers = DecodeBuffers(k_cache, v_cache, program.vocab_size, extra)
         with torch.no_grad():
             self.loop = DecodeLoop(prefill, step, self.buffers, use_cuda_graph=key.cuda_graph)
 
     def choose_first(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         # the first new token sits at position prompt_len, the counter plain_step would use
-        return choose_tokens(logits, self.key.sampling, self.buffers.seeds, self.buffers.cache_len)
+        first = choose_tokens(logits, self.key.sampling, self.buffers.seeds, self.buffers.cache_len)
+        if self.key.tree is not None:
+            self.buffers.extra[2][:, 0] = first  # the root is the draft's first pending token
+        return first
 
 
-def _default_max_seq_len(prompts: list[list[int]], max_new_tokens: int) -> int:
+def tree_plan(tree) -> TreePlan | None:
+    """A backend's `tree` option as a TreePlan: a parents list, or a name from lowering/tree.py."""
+    from specc.lowering.tree import static_tree
+
+    if tree is None:
+        tree = "eagle"
+    if isinstance(tree, TreePlan):
+        return tree
+    if isinstance(tree, str):
+        name, _, arg = tree.partition(":")
+        if name == "chain":
+            return TreePlan.from_parents(static_tree("chain", depth=int(arg or 5)))
+        return TreePlan.from_parents(static_tree(name))
+    return TreePlan.from_parents(list(tree))
+
+
+def _default_max_seq_len(prompts: list[list[int]], max_new_tokens: int, plan: TreePlan | None) -> int:
     # round up so that nearby requests share one compiled configuration
-    needed = max(len(p) for p in prompts) + max_new_tokens
+    needed = cache_positions_needed(max(len(p) for p in prompts), max_new_tokens, plan)
     return 256 * math.ceil(needed / 256)
 
 
@@ -147,11 +193,12 @@ def generate(
     temperature 0 is greedy; otherwise sampling with top_k / top_p, seeded per request
     (`seed` an int for all, or one per prompt). Stops a sequence at any of `stop_ids`.
     """
-    program, _backend = target_program(compiled)
+    program, backend = target_program(compiled)
     prompts = _as_prompt_lists(prompts)
     sampling = Sampling(temperature, top_k, top_p)
-    max_seq_len = max_seq_len or _default_max_seq_len(prompts, max_new_tokens)
-    validate_prompts(prompts, program.vocab_size, max_new_tokens, max_seq_len)
+    plan = tree_plan(backend.tree) if backend.draft is not None else None
+    max_seq_len = max_seq_len or _default_max_seq_len(prompts, max_new_tokens, plan)
+    validate_prompts(prompts, program.vocab_size, max_new_tokens, max_seq_len, plan)
     seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; pass one seed or one per prompt")
@@ -162,11 +209,12 @@ def generate(
         sampling=sampling,
         compile=compile,
         cuda_graph=(on_gpu and compile) if cuda_graph is None else cuda_graph,
+        tree=plan,
     )
     if key.cuda_graph and not on_gpu:
         raise ValueError("cuda_graph=True needs the model on a CUDA device")
     engines = compiled.__dict__.setdefault("_specc_engines", {})
     if key not in engines:
-        engines[key] = PlainEngine(program, key)
+        engines[key] = Engine(program, key, backend.draft)
     engine = engines[key]
     return engine.loop.run(prompts, max_new_tokens, stop_ids, seeds, engine.choose_first)

@@ -1,0 +1,78 @@
+"""What every benchmark needs: prompt sets, the machine's description, a bandwidth ceiling."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+
+def mt_bench_first_turns(path: str | Path | None = None, limit: int | None = None, per_category: int | None = None) -> list[dict]:
+    """MT-Bench (or any JSONL with `turns`) first turns: [{"id", "category", "prompt"}]."""
+    if path is None:
+        text = resources.files("specc").joinpath("assets/data/mt_bench_question.jsonl").read_text()
+    else:
+        text = Path(path).read_text()
+    rows = []
+    seen: dict[str, int] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        category = item.get("category", "")
+        if per_category is not None and seen.get(category, 0) >= per_category:
+            continue
+        seen[category] = seen.get(category, 0) + 1
+        rows.append({"id": item.get("question_id", len(rows)), "category": category, "prompt": item["turns"][0]})
+    return rows[:limit] if limit else rows
+
+
+def environment() -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    return info
+
+
+def copy_bandwidth(gigabytes: float = 2.0, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    n = int(gigabytes * 1e9 / 2)
+    src = torch.randn(n // 2, device="cuda", dtype=torch.float32)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def unique_parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step reads: each parameter once (tied weights once)."""
+    seen = {}
+    for p in model.parameters():
+        seen[p.data_ptr()] = p.numel() * p.element_size()
+    return sum(seen.values())

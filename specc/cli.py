@@ -1,0 +1,152 @@
+"""`specc` command line: generate, chat, dump, bench.
+
+    specc generate "What is the capital of France?"     # embedded SmolLM2, prints tokens/s
+    specc chat                                           # interactive ChatML chat
+    specc dump --out specc_dump                          # pass dumps for the default model
+    specc bench plain --out plain.json                   # HF eager vs specc plain decode (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _device(name: str | None) -> str:
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load(args):
+    import specc
+    from specc.models.load import load_hf_llama, load_llama
+
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if _device(args.device) == "cuda" else torch.float32)
+    loader = load_hf_llama if args.hf else load_llama
+    model, tokenizer = loader(args.model, dtype=dtype, device=_device(args.device))
+    compiled = torch.compile(model, backend=specc.backend(dump=getattr(args, "out", None)))
+    return compiled, tokenizer
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="a Llama GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--hf", action="store_true", help="build HF LlamaForCausalLM instead of specc's reference Llama")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--no-compile", action="store_true", help="run the rewritten programs without Inductor")
+
+
+def _generate(compiled, tokenizer, messages, args) -> tuple[str, object]:
+    import specc
+
+    prompt = tokenizer.encode_chat(messages)
+    result = specc.generate(
+        compiled, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=[tokenizer.eos_id],
+        compile=not args.no_compile,
+    )
+    tokens = [t for t in result.tokens[0] if t != tokenizer.eos_id]
+    return tokenizer.decode(tokens), result
+
+
+def _stats(result) -> str:
+    return (f"[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s "
+            f"({result.decode_tokens_per_second:.1f} decode), {result.mean_accept_length:.2f} tokens per step]")
+
+
+def cmd_generate(args) -> int:
+    compiled, tokenizer = _load(args)
+    if args.warmup:
+        _generate(compiled, tokenizer, [{"role": "user", "content": args.prompt}], args)
+    text, result = _generate(compiled, tokenizer, [{"role": "user", "content": args.prompt}], args)
+    print(text)
+    print(_stats(result), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    compiled, tokenizer = _load(args)
+    messages = []
+    print("specc chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        text, result = _generate(compiled, tokenizer, messages, args)
+        messages.append({"role": "assistant", "content": text})
+        print(text)
+        print(_stats(result), file=sys.stderr)
+    return 0
+
+
+def cmd_dump(args) -> int:
+    from specc.generate import target_program
+
+    compiled, _ = _load(args)
+    program, _ = target_program(compiled)
+    print(f"pass dumps written to {program.dump_dir}")
+    for name, summary in program.summaries.items():
+        print(f"  {name}: {summary}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.which == "plain":
+        from specc.bench.plain_decode import run, summary_table
+
+        report = run(max_new_tokens=args.max_new_tokens, hf_prompts_per_category=args.hf_per_category,
+                     prompt_file=args.prompts, out=args.out)
+        print(summary_table(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="answer one prompt with the embedded default model")
+    gen.add_argument("prompt")
+    gen.add_argument("--warmup", action="store_true", help="run once before the timed run (compiles first)")
+    _model_args(gen)
+    _sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat with the embedded default model")
+    _model_args(chat)
+    _sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    dump = sub.add_parser("dump", help="write every pass's graph before/after and its summary")
+    dump.add_argument("--out", default="specc_dump")
+    _model_args(dump)
+    dump.set_defaults(func=cmd_dump)
+
+    bench = sub.add_parser("bench", help="benchmarks (GPU)")
+    bench.add_argument("which", choices=["plain"])
+    bench.add_argument("--max-new-tokens", type=int, default=128)
+    bench.add_argument("--hf-per-category", type=int, default=2, help="MT-Bench prompts per category for HF eager")
+    bench.add_argument("--prompts", default=None, help="JSONL with `turns` (default: MT-Bench)")
+    bench.add_argument("--out", default=None, help="write the full JSON report here")
+    bench.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

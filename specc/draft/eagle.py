@@ -1,0 +1,236 @@
+"""EAGLE draft heads (EAGLE-1/2: arXiv:2401.15077, 2406.16858; EAGLE-3: arXiv:2503.01840).
+
+The draft predicts the target's next feature from (feature at position p, token at p + 1):
+    x_p = fc(cat(embed(token_{p+1}), feature_p))          embed: the target's, shared, frozen
+    h_p = DecoderLayer(x_p)                                one Llama layer, own KV cache
+    logits_{p+2} = lm_head(norm(h_p))                      lm_head: the target's, shared, frozen
+EAGLE ("eagle"): feature_p is the target's final hidden state (the LM head's input), and the
+draft's h_p stands in for the next feature when drafting deeper.
+EAGLE-3 ("eagle3"): feature_p = fc_in(cat(low_p, mid_p, high_p)), three target layer outputs
+fused; deeper drafting feeds the draft's own h_p back in the same slot (training-time test).
+
+Only the draft's own weights are saved (safetensors, config in the metadata); embed and
+lm_head are attached from the target at load time and checked against the config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specc.models.llama import DecoderLayer, LlamaConfig, RMSNorm, RotaryEmbedding, rotate_half
+
+KINDS = ("eagle", "eagle3")
+
+
+class DraftConfigError(ValueError):
+    """A draft head does not fit the target it is attached to."""
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    kind: str
+    hidden_size: int
+    vocab_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None = field(default=None, hash=False)
+    feature_layers: tuple[int, ...] = ()  # EAGLE-3: (low, mid, high) target layer indices
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise DraftConfigError(f"draft kind {self.kind!r} is not one of {KINDS}")
+        if self.kind == "eagle3" and len(self.feature_layers) != 3:
+            raise DraftConfigError(f"eagle3 fuses three target layers; got feature_layers={self.feature_layers}")
+        object.__setattr__(self, "feature_layers", tuple(self.feature_layers))
+
+    @classmethod
+    def for_target(cls, target: LlamaConfig, kind: str = "eagle") -> DraftConfig:
+        layers = target.num_hidden_layers
+        feature_layers = (min(2, layers - 1), layers // 2, max(layers - 3, 0)) if kind == "eagle3" else ()
+        return cls(
+            kind=kind,
+            hidden_size=target.hidden_size,
+            vocab_size=target.vocab_size,
+            num_attention_heads=target.num_attention_heads,
+            num_key_value_heads=target.num_key_value_heads,
+            head_dim=target.head_dim,
+            intermediate_size=target.intermediate_size,
+            rms_norm_eps=target.rms_norm_eps,
+            rope_theta=target.rope_theta,
+            rope_scaling=target.rope_scaling,
+            feature_layers=feature_layers,
+        )
+
+    def layer_config(self) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=1, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> DraftConfig:
+        return cls(**json.loads(text))
+
+
+class EagleDraft(nn.Module):
+    def __init__(self, config: DraftConfig) -> None:
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        if config.kind == "eagle3":
+            self.fc_in = nn.Linear(3 * hidden, hidden, bias=False)
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.layer = DecoderLayer(config.layer_config())
+        self.norm = RMSNorm(hidden, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.layer_config())
+        # The target's embedding and LM head, attached (not owned, not saved).
+        self._shared: dict[str, torch.Tensor] = {}
+
+    # ----- the target's pieces -------------------------------------------------------------
+    def attach(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> EagleDraft:
+        expected = (self.config.vocab_size, self.config.hidden_size)
+        for name, weight in (("embedding", embed_weight), ("LM head", lm_head_weight)):
+            if tuple(weight.shape) != expected:
+                raise DraftConfigError(
+                    f"the target's {name} is {tuple(weight.shape)} but the draft was built for "
+                    f"[vocab {expected[0]}, hidden {expected[1]}]; train or load a draft for this target"
+                )
+        self._shared = {"embed": embed_weight.detach(), "lm_head": lm_head_weight.detach()}
+        return self
+
+    def attach_to(self, target: nn.Module) -> EagleDraft:
+        """Attach the embedding and LM head of a reference Llama or HF LlamaForCausalLM."""
+        return self.attach(target.model.embed_tokens.weight, target.lm_head.weight)
+
+    def _need_shared(self) -> dict[str, torch.Tensor]:
+        if not self._shared:
+            raise DraftConfigError("the draft has no target attached; call draft.attach_to(target_model) first")
+        return self._shared
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self._need_shared()["embed"])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(hidden), self._need_shared()["lm_head"])
+
+    def fuse_features(self, target_features: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Target hidden states -> the draft's feature input [B, T, H]."""
+        if self.config.kind == "eagle3":
+            return self.fc_in(torch.cat(list(target_features), dim=-1))
+        return target_features[0] if isinstance(target_features, (list, tuple)) else target_features
+
+    def _input(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([self.embed(tokens).to(features.dtype), features], dim=-1))
+
+    # ----- training: causal attention over whole sequences ---------------------------------
+    def forward(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] (token_{p+1}), features [B, T, H] (feature_p) -> hidden h_p [B, T, H]."""
+        x = self._input(tokens, features)
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        cos, sin = self.rotary(positions, x.dtype)
+        return self.layer(x, cos, sin)
+
+    # ----- decoding: the layer over a static cache through specc ops ------------------------
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        features: torch.Tensor,
+        positions: torch.Tensor,
+        cache_len: torch.Tensor,
+        tree_mask: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """Like forward, but writes K/V into the draft cache [1, B, Hkv, S, D] at cache_len + i
+        and attends over the cached prefix plus the new tokens under tree_mask [B, T, T]."""
+        import specc.lowering  # noqa: F401  (registers the ops)
+
+        x = self._input(tokens, features)
+        layer = self.layer
+        attn = layer.self_attn
+        b, t, _ = x.shape
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        torch.ops.specc.kv_write(k_cache, 0, k, cache_len)
+        torch.ops.specc.kv_write(v_cache, 0, v, cache_len)
+        out = torch.ops.specc.tree_attention(q, k_cache, v_cache, 0, cache_len, tree_mask, attn.head_dim**-0.5)
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def new_cache(self, batch: int, max_seq_len: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        shape = (1, batch, c.num_key_value_heads, max_seq_len, c.head_dim)
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+    # ----- persistence ----------------------------------------------------------------------
+    def save(self, path: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
+        from safetensors.torch import save_file
+
+        own = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(own, str(path), metadata={"specc_draft_config": self.config.to_json(), **(extra_metadata or {})})
+
+
+def load_draft(path: str | Path, target: nn.Module | None = None, dtype: torch.dtype | None = None,
+               device=None) -> EagleDraft:
+    """Load a saved draft head; with `target`, check it fits and attach the target's pieces."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no draft head at {path}; train one with `specc train-draft` or pass draft=None")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if "specc_draft_config" not in metadata:
+            raise DraftConfigError(f"{path} has no specc_draft_config metadata; it was not saved by EagleDraft.save")
+        config = DraftConfig.from_json(metadata["specc_draft_config"])
+        weights = {k: handle.get_tensor(k) for k in handle.keys()}
+    draft = EagleDraft(config)
+    draft.load_state_dict(weights, strict=True)
+    if target is not None:
+        target_config = target.config
+        if (target_config.hidden_size, target_config.vocab_size) != (config.hidden_size, config.vocab_size):
+            raise DraftConfigError(
+                f"draft {path.name} was trained for hidden {config.hidden_size} / vocab {config.vocab_size}, "
+                f"but the target has hidden {target_config.hidden_size} / vocab {target_config.vocab_size}"
+            )
+        if config.kind == "eagle3" and max(config.feature_layers) >= target_config.num_hidden_layers:
+            raise DraftConfigError(
+                f"draft {path.name} reads target layer {max(config.feature_layers)} but the target has "
+                f"{target_config.num_hidden_layers} layers"
+            )
+        param = next(target.parameters())
+        device, dtype = device or param.device, dtype or param.dtype
+        draft.attach_to(target)
+    return cast_parameters(draft, dtype, device).eval()
+
+
+def cast_parameters(module: nn.Module, dtype: torch.dtype | None, device=None) -> nn.Module:
+    """Move to `device` and cast parameters only: the RoPE inverse frequencies stay fp32, as the
+    target keeps them, so draft and target rotate by the same angles."""
+    module.to(device)
+    if dtype is not None:
+        for param in module.parameters():
+            param.data = param.data.to(dtype)
+    return module
