@@ -74,11 +74,50 @@ class TreePlan:
                 current = self.parents[current]
         return mask
 
+    @property
+    def slots(self) -> int:
+        """Cache positions past cache_len that one step writes."""
+        return self.size
+
     def children_needed(self, level: int) -> int:
         """How many top tokens of each level-`level` node's logits the tree uses."""
         nodes = set(self.levels[level])
         counts = [sum(1 for p in self.parents if p == node) for node in nodes]
         return max(counts, default=0)
+
+
+@dataclass(frozen=True)
+class DynamicTree:
+    """EAGLE-2's context-dependent tree (arXiv:2406.16858): expand the top_k best nodes of each
+    level by cumulative draft log-probability for `depth` levels, then keep the best
+    `size - 1` of all candidates (specc::select_tree). Built on the device every step."""
+
+    top_k: int = 8
+    depth: int = 6
+    size: int = 48
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.depth < 1 or self.size < 2:
+            raise ValueError(f"dynamic tree needs top_k >= 1, depth >= 1, size >= 2; got {self}")
+        if self.size - 1 > self.candidates:
+            raise ValueError(
+                f"a dynamic tree of size {self.size} needs {self.size - 1} candidates but top_k={self.top_k}, "
+                f"depth={self.depth} draft only {self.candidates}; lower size or raise top_k/depth"
+            )
+
+    @property
+    def candidates(self) -> int:
+        return self.top_k + (self.depth - 1) * self.top_k**2
+
+    @property
+    def max_depth(self) -> int:
+        # a tree of `size` nodes is at most size - 1 deep, however deep the drafting went
+        return min(self.depth, self.size - 1)
+
+    @property
+    def slots(self) -> int:
+        """Cache positions past cache_len that one step writes (target tree, draft frontiers)."""
+        return max(self.size, (self.depth - 1) * self.top_k)
 
 
 def draft_features(draft, final_hidden: torch.Tensor, layer_outputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -111,18 +150,109 @@ def make_spec_prefill(program: TargetProgram, draft) -> Callable:
     return spec_prefill
 
 
-def make_spec_step(program: TargetProgram, draft, plan: TreePlan) -> Callable:
+def _forest_mask(parents: torch.Tensor, levels: int) -> torch.Tensor:
+    """Ancestor-or-self mask [B, T, T] of a forest given as parent slots (-1: a root's child)."""
+    batch, size = parents.shape
+    eye = torch.eye(size, dtype=torch.bool, device=parents.device).expand(batch, size, size)
+    mask = eye.clone()
+    ancestor = parents
+    for _ in range(levels):
+        mask = mask | (torch.nn.functional.one_hot(ancestor.clamp_min(0), size).bool() & (ancestor >= 0)[..., None])
+        ancestor = torch.where(ancestor >= 0, parents.gather(1, ancestor.clamp_min(0)), ancestor)
+    return mask
+
+
+def _draft_static(draft, plan: TreePlan, root_token, root_hidden, cache_len, draft_k, draft_v):
+    """Each node's token is the rank-th best of its parent's draft logits; D - 1 draft forwards."""
+    batch, device = root_token.shape[0], root_token.device
     n_nodes, depth_max = plan.size, plan.max_depth
-    pending_slots = depth_max + 1
+    parents = torch.tensor(plan.parents, device=device)
+    depth = torch.tensor(plan.depth, device=device)
+    tree_mask = plan.ancestor_mask().to(device)
+    tree_tokens = torch.zeros(batch, n_nodes, dtype=torch.int64, device=device)
+    tree_tokens[:, 0] = root_token
+    node_hidden = torch.zeros(batch, n_nodes, root_hidden.shape[-1], dtype=root_hidden.dtype, device=device)
+    node_hidden[:, 0] = root_hidden
+    level_logits = draft.logits(root_hidden[:, None])  # [B, 1, V]
+    non_root_mask = tree_mask[1:, 1:].expand(batch, n_nodes - 1, n_nodes - 1)
+    for level in range(1, depth_max + 1):
+        previous = plan.levels[level - 1]
+        nodes = plan.levels[level]
+        top = level_logits.topk(plan.children_needed(level - 1), dim=-1).indices  # [B, |previous|, k]
+        parent_slot = torch.tensor([previous.index(plan.parents[i]) for i in nodes], device=device)
+        child_rank = torch.tensor([plan.rank[i] for i in nodes], device=device)
+        tree_tokens[:, list(nodes)] = top[:, parent_slot, child_rank]
+        if level == depth_max:
+            break
+        # every non-root node reads its parent's guessed feature; nodes deeper than this
+        # level compute garbage now and are recomputed once their parents are drafted
+        hidden = draft.decode(tree_tokens[:, 1:], node_hidden[:, parents[1:]],
+                              cache_len[:, None] + depth[None, 1:] - 1, cache_len, non_root_mask, draft_k, draft_v)
+        node_hidden[:, 1:] = hidden
+        level_logits = draft.logits(hidden[:, [i - 1 for i in nodes]])
+    return (tree_tokens, parents.expand(batch, n_nodes), depth.expand(batch, n_nodes),
+            tree_mask.expand(batch, n_nodes, n_nodes))
+
+
+def _draft_dynamic(draft, spec: DynamicTree, root_token, root_hidden, cache_len, draft_k, draft_v):
+    """EAGLE-2: per level, the top_k frontier nodes (by cumulative log q) are run through the
+    draft and each proposes its top_k children; select_tree keeps the best size - 1."""
+    from specc.lowering.tree import ancestor_mask, tree_depth
+
+    batch, device = root_token.shape[0], root_token.device
+    k, levels, hidden_size = spec.top_k, spec.depth, root_hidden.shape[-1]
+    log_q = torch.log_softmax(draft.logits(root_hidden[:, None]).float(), dim=-1)[:, 0]
+    frontier_scores, frontier_tokens = log_q.topk(k, dim=-1)
+    cand_tokens, cand_scores = [frontier_tokens], [frontier_scores]
+    cand_parents = [torch.full((batch, k), -1, dtype=torch.int64, device=device)]
+    cand_depth = [1] * k
+    frontier_cand = torch.arange(k, device=device).expand(batch, k)
+    frontier_parent_slot = torch.full((batch, k), -1, dtype=torch.int64, device=device)
+    frontier_feats = root_hidden[:, None].expand(batch, k, hidden_size)
+    n_slots = (levels - 1) * k
+    slot_tokens = torch.zeros(batch, max(n_slots, 1), dtype=torch.int64, device=device)
+    slot_feats = torch.zeros(batch, max(n_slots, 1), hidden_size, dtype=root_hidden.dtype, device=device)
+    slot_parents = torch.full((batch, max(n_slots, 1)), -1, dtype=torch.int64, device=device)
+    slot_depth = torch.arange(max(n_slots, 1), device=device) // k + 1
+    n_cand = k
+    for level in range(1, levels):
+        base = (level - 1) * k
+        slot_tokens[:, base:base + k] = frontier_tokens
+        slot_feats[:, base:base + k] = frontier_feats
+        slot_parents[:, base:base + k] = frontier_parent_slot
+        used = level * k
+        hidden = draft.decode(slot_tokens[:, :used], slot_feats[:, :used],
+                              cache_len[:, None] + slot_depth[None, :used] - 1, cache_len,
+                              _forest_mask(slot_parents[:, :used], level), draft_k, draft_v)
+        frontier_hidden = hidden[:, base:base + k]
+        child_log_q, child_tokens = torch.log_softmax(draft.logits(frontier_hidden).float(), dim=-1).topk(k, dim=-1)
+        scores = (frontier_scores[:, :, None] + child_log_q).flatten(1)  # [B, k * k]
+        child_tokens = child_tokens.flatten(1)
+        cand_tokens.append(child_tokens)
+        cand_scores.append(scores)
+        cand_parents.append(frontier_cand[:, :, None].expand(batch, k, k).flatten(1))
+        cand_depth += [level + 1] * (k * k)
+        best_scores, best = scores.topk(k, dim=-1)
+        frontier_tokens, frontier_scores = child_tokens.gather(1, best), best_scores
+        frontier_cand = n_cand + best
+        frontier_parent_slot = base + best // k
+        frontier_feats = frontier_hidden.gather(1, (best // k)[..., None].expand(batch, k, hidden_size))
+        n_cand += k * k
+    tree_tokens, parents, _ = torch.ops.specc.select_tree(
+        root_token, torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1), torch.cat(cand_parents, 1),
+        torch.tensor(cand_depth, device=device), spec.size)
+    return tree_tokens, parents, tree_depth(parents), ancestor_mask(parents)
+
+
+def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree) -> Callable:
+    pending_slots = plan.max_depth + 1
+    draft_tree = _draft_dynamic if isinstance(plan, DynamicTree) else _draft_static
 
     def spec_step(tokens, cache_len, k_cache, v_cache, seeds, draft_k, draft_v,
                   pending_tokens, pending_feats, pending_count):
         batch = tokens.shape[0]
         device = tokens.device
         rows = torch.arange(batch, device=device)
-        parents = torch.tensor(plan.parents, device=device)
-        depth = torch.tensor(plan.depth, device=device)
-        tree_mask = plan.ancestor_mask().to(device)
 
         # 1. catch-up: the draft reads its pending inputs with the target's true features
         draft_len = cache_len - pending_count
@@ -131,35 +261,15 @@ def make_spec_step(program: TargetProgram, draft, plan: TreePlan) -> Callable:
                               causal_mask(batch, pending_slots, device), draft_k, draft_v)
         root_hidden = hidden[rows, pending_count - 1]
 
-        # 2. draft the tree level by level
-        tree_tokens = torch.zeros(batch, n_nodes, dtype=torch.int64, device=device)
-        tree_tokens[:, 0] = tokens[:, 0]
-        node_hidden = torch.zeros(batch, n_nodes, root_hidden.shape[-1], dtype=root_hidden.dtype, device=device)
-        node_hidden[:, 0] = root_hidden
-        level_logits = draft.logits(root_hidden[:, None])  # [B, 1, V]
-        non_root_mask = tree_mask[1:, 1:].expand(batch, n_nodes - 1, n_nodes - 1)
-        for level in range(1, depth_max + 1):
-            previous = plan.levels[level - 1]
-            nodes = plan.levels[level]
-            top = level_logits.topk(plan.children_needed(level - 1), dim=-1).indices  # [B, |previous|, k]
-            parent_slot = torch.tensor([previous.index(plan.parents[i]) for i in nodes], device=device)
-            child_rank = torch.tensor([plan.rank[i] for i in nodes], device=device)
-            tree_tokens[:, list(nodes)] = top[:, parent_slot, child_rank]
-            if level == depth_max:
-                break
-            # every non-root node reads its parent's guessed feature; nodes deeper than this
-            # level compute garbage now and are recomputed once their parents are drafted
-            hidden = draft.decode(tree_tokens[:, 1:], node_hidden[:, parents[1:]],
-                                  cache_len[:, None] + depth[None, 1:] - 1, cache_len, non_root_mask, draft_k, draft_v)
-            node_hidden[:, 1:] = hidden
-            level_logits = draft.logits(hidden[:, [i - 1 for i in nodes]])
+        # 2. draft the tree
+        tree_tokens, parents, depth, tree_mask = draft_tree(draft, plan, tokens[:, 0], root_hidden,
+                                                            cache_len, draft_k, draft_v)
 
         # 3. verify the whole tree in one target forward
-        positions = cache_len[:, None] + depth[None, :]
-        logits, final_hidden, *layers = program(tree_tokens, positions, cache_len,
-                                                tree_mask.expand(batch, n_nodes, n_nodes), k_cache, v_cache)
+        logits, final_hidden, *layers = program(tree_tokens, cache_len[:, None] + depth, cache_len,
+                                                tree_mask, k_cache, v_cache)
         accept_len, path, out_tokens = torch.ops.specc.verify_greedy(
-            tree_tokens, parents.expand(batch, n_nodes), logits.argmax(-1), depth_max)
+            tree_tokens, parents, logits.argmax(-1), plan.max_depth)
 
         # 4. commit: the accepted path's K/V moves to cache_len + j, the root included
         torch.ops.specc.commit_kv(k_cache, v_cache, cache_len, path, accept_len)

@@ -20,7 +20,7 @@ import torch
 from specc.backend import SpeccBackend, capture
 from specc.passes.decode_step import Sampling, choose_tokens, make_plain_step, make_prefill
 from specc.passes.pipeline import TargetProgram
-from specc.passes.speculative_step import TreePlan, make_spec_prefill, make_spec_step
+from specc.passes.speculative_step import DynamicTree, TreePlan, make_spec_prefill, make_spec_step
 from specc.runtime.buffers import DecodeBuffers
 from specc.runtime.loop import DecodeLoop, GenerationOutput
 
@@ -36,7 +36,7 @@ class EngineKey:
     sampling: Sampling
     compile: bool
     cuda_graph: bool
-    tree: TreePlan | None = None  # None: plain decode
+    tree: TreePlan | DynamicTree | None = None  # None: plain decode
 
 
 def _unwrap(compiled: torch.nn.Module) -> torch.nn.Module:
@@ -72,16 +72,16 @@ def target_program(compiled: torch.nn.Module) -> tuple[TargetProgram, SpeccBacke
     return slot.program, slot.backend
 
 
-def cache_positions_needed(prompt_len: int, max_new_tokens: int, plan: TreePlan | None) -> int:
+def cache_positions_needed(prompt_len: int, max_new_tokens: int, plan: TreePlan | DynamicTree | None) -> int:
     """Cache positions a request may touch: a speculative step can advance depth + 1 positions
     (even past max_new_tokens, before the host sees the stop) and writes its whole tree."""
     if plan is None:
         return prompt_len + max_new_tokens
-    return prompt_len + max_new_tokens * (plan.max_depth + 1) + plan.size + plan.max_depth + 1
+    return prompt_len + max_new_tokens * (plan.max_depth + 1) + plan.slots + plan.max_depth + 1
 
 
 def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int, max_seq_len: int,
-                     plan: TreePlan | None = None) -> None:
+                     plan: TreePlan | DynamicTree | None = None) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one token")
     if not prompts:
@@ -151,23 +151,28 @@ class Engine:
         return first
 
 
-def tree_plan(tree) -> TreePlan | None:
-    """A backend's `tree` option as a TreePlan: a parents list, or a name from lowering/tree.py."""
+def tree_plan(tree) -> TreePlan | DynamicTree:
+    """A backend's `tree` option: a parents list, a static tree's name from lowering/tree.py
+    ("eagle", "chain:5", "full"), "dynamic[:top_k,depth,size]", or a TreePlan/DynamicTree."""
     from specc.lowering.tree import static_tree
 
     if tree is None:
         tree = "eagle"
-    if isinstance(tree, TreePlan):
+    if isinstance(tree, (TreePlan, DynamicTree)):
         return tree
     if isinstance(tree, str):
         name, _, arg = tree.partition(":")
+        if name == "dynamic":
+            # "dynamic" or "dynamic:top_k,depth,size"
+            values = [int(v) for v in arg.split(",")] if arg else []
+            return DynamicTree(*values)
         if name == "chain":
             return TreePlan.from_parents(static_tree("chain", depth=int(arg or 5)))
         return TreePlan.from_parents(static_tree(name))
     return TreePlan.from_parents(list(tree))
 
 
-def _default_max_seq_len(prompts: list[list[int]], max_new_tokens: int, plan: TreePlan | None) -> int:
+def _default_max_seq_len(prompts: list[list[int]], max_new_tokens: int, plan: TreePlan | DynamicTree | None) -> int:
     # round up so that nearby requests share one compiled configuration
     needed = cache_positions_needed(max(len(p) for p in prompts), max_new_tokens, plan)
     return 256 * math.ceil(needed / 256)

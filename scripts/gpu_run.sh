@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One lent-GPU call: install specc, run the GPU tests, the real-model checks and benchmarks.
+# Usage (second of the two model calls in ../shared/GPU.md, carry .gpu2):
+#   bash scripts/gpu_run.sh [tests] [checks] [plain] [spec] ...
+# Everything lands under $OUT; the last lines printed are a short table.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ ! -f ~/m/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+  cat ~/m/model.part1 .gpu2/model.part2 > ~/m/SmolLM2-135M-Instruct.Q4_1.gguf
+fi
+python3 -m pip install -q --no-index --no-deps --target ~/site .gpu2/gguf-*.whl 2>/dev/null
+export PYTHONPATH=~/site
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+export SPECC_CACHE=~/m
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+for job in "$@"; do
+  case "$job" in
+    tests)  python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    checks) python3 -c "from specc.bench.gpu_checks import run, summary; print(summary(run(draft_path='${DRAFT:-}' or None, out='$OUT/gpu_checks.json')))" 2>&1 | tee "$OUT/gpu_checks.log" | tail -25 ;;
+    plain)  specc bench plain --out "$OUT/plain.json" 2>&1 | tee "$OUT/plain.log" | tail -12 ;;
+    *) echo "unknown job $job" ;;
+  esac
+done

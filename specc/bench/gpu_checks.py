@@ -1,0 +1,139 @@
+"""Correctness checks on the real model that need the GPU (run by scripts/gpu_run.sh).
+
+  - specc's plain greedy equals HF's greedy `generate` (fp32 and bf16);
+  - speculative greedy equals specc's plain greedy (fp32 and bf16), for the given draft;
+  - where bf16 outputs differ, the logit margin at the first divergent token;
+  - the decode step is one CUDA graph: a profiled replay issues one cudaGraphLaunch and no
+    kernel launches of its own;
+  - no recompilation across generations of different prompt lengths
+    (torch.compiler.set_stance("fail_on_recompile")).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import specc
+from specc.bench.common import environment, mt_bench_first_turns
+
+
+def _margin_at_divergence(model, prompt, ours, theirs) -> dict | None:
+    for index, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            ids = torch.tensor([prompt + theirs[:index]], device="cuda")
+            with torch.no_grad():
+                out = model(ids, use_cache=False) if hasattr(model, "generate") else model(ids)
+            logits = (out.logits if hasattr(out, "logits") else out)[0, -1].float()
+            top = logits.topk(2)
+            return {"index": index, "ours": a, "reference": b, "top2_margin": float(top.values[0] - top.values[1]),
+                    "logit_gap_between_the_two": float(logits[b] - logits[a])}
+    return None
+
+
+def _step_graph_launches(engine) -> dict:
+    """Profile one replay of the captured step: what the host launched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = engine.loop.step
+    if graph is None:
+        return {"captured": False}
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    return {
+        "captured": True,
+        "cudaGraphLaunch": sum(1 for n in names if n.startswith("cudaGraphLaunch")),
+        "cudaLaunchKernel": sum(1 for n in names if n.startswith("cudaLaunchKernel") or n == "cuLaunchKernel"),
+        "gpu_kernels_in_replay": sum(1 for e in prof.events() if e.device_type.name == "CUDA"),
+    }
+
+
+def run(draft_path: str | None = None, n_prompts: int = 8, max_new_tokens: int = 64, tree="eagle",
+        out: str | None = None) -> dict:
+    from specc.draft.eagle import DraftConfig, EagleDraft, cast_parameters, load_draft
+    from specc.models.load import load_hf_llama
+
+    rows = mt_bench_first_turns(per_category=1)[:n_prompts]
+    report = {"environment": environment(), "draft": draft_path or "untrained (random init)", "tree": str(tree),
+              "n_prompts": len(rows), "max_new_tokens": max_new_tokens}
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        torch._dynamo.reset()
+        model, tokenizer = load_hf_llama(dtype=dtype, device="cuda")
+        prompts = [tokenizer.encode_chat([{"role": "user", "content": r["prompt"]}]) for r in rows]
+        if draft_path:
+            draft = load_draft(draft_path, model)
+        else:
+            torch.manual_seed(0)
+            draft = cast_parameters(EagleDraft(DraftConfig.for_target(_default_config())), dtype, "cuda")
+            draft.attach_to(model).eval()
+        plain_c = torch.compile(model, backend=specc.backend())
+        spec_c = torch.compile(model, backend=specc.backend(draft=draft, tree=tree))
+        max_seq_len = 4096
+        section = {"prompts": []}
+        start = time.perf_counter()
+        specc.generate(plain_c, [prompts[0]], max_new_tokens=max_new_tokens, max_seq_len=max_seq_len)
+        specc.generate(spec_c, [prompts[0]], max_new_tokens=max_new_tokens, max_seq_len=max_seq_len)
+        section["compile_seconds"] = time.perf_counter() - start
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for prompt in prompts:
+                plain = specc.generate(plain_c, [prompt], max_new_tokens=max_new_tokens, max_seq_len=max_seq_len)
+                spec = specc.generate(spec_c, [prompt], max_new_tokens=max_new_tokens, max_seq_len=max_seq_len)
+                hf = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=max_new_tokens,
+                                    min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                                    pad_token_id=tokenizer.eos_id)[0, len(prompt):].tolist()
+                entry = {
+                    "prompt_tokens": len(prompt),
+                    "plain_equals_hf": plain.tokens[0] == hf,
+                    "spec_equals_plain": spec.tokens[0] == plain.tokens[0],
+                    "spec_mean_accept_length": spec.mean_accept_length,
+                }
+                if plain.tokens[0] != hf:
+                    entry["plain_vs_hf_divergence"] = _margin_at_divergence(model, prompt, plain.tokens[0], hf)
+                if spec.tokens[0] != plain.tokens[0]:
+                    entry["spec_vs_plain_divergence"] = _margin_at_divergence(model, prompt, spec.tokens[0], plain.tokens[0])
+                section["prompts"].append(entry)
+        section["no_recompile_across_generations"] = True  # the stance above raises otherwise
+        engines = spec_c.__dict__["_specc_engines"]
+        section["spec_step_graph"] = _step_graph_launches(next(iter(engines.values())))
+        engines = plain_c.__dict__["_specc_engines"]
+        section["plain_step_graph"] = _step_graph_launches(next(iter(engines.values())))
+        section["plain_equals_hf"] = sum(p["plain_equals_hf"] for p in section["prompts"])
+        section["spec_equals_plain"] = sum(p["spec_equals_plain"] for p in section["prompts"])
+        report[dtype_name] = section
+        del model, plain_c, spec_c, draft
+        torch.cuda.empty_cache()
+    if out:
+        Path(out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _default_config():
+    from specc.models.fetch import fetch_default_gguf
+    from specc.models.gguf_loader import llama_config_from_gguf
+
+    return llama_config_from_gguf(fetch_default_gguf(progress=False))
+
+
+def summary(report: dict) -> str:
+    lines = [f"GPU {report['environment']['gpu']} | draft: {report['draft']} | tree {report['tree']}"]
+    for name in ("fp32", "bf16"):
+        s = report.get(name)
+        if not s:
+            continue
+        n = len(s["prompts"])
+        lines.append(
+            f"{name}: plain==HF {s['plain_equals_hf']}/{n}, spec==plain {s['spec_equals_plain']}/{n}, "
+            f"no recompile: {s['no_recompile_across_generations']}, spec step graph {s['spec_step_graph']}, "
+            f"compile {s['compile_seconds']:.0f}s"
+        )
+        for i, p in enumerate(s["prompts"]):
+            for key in ("plain_vs_hf_divergence", "spec_vs_plain_divergence"):
+                if key in p and p[key]:
+                    lines.append(f"  prompt {i} {key}: at token {p[key]['index']}, top-2 margin {p[key]['top2_margin']:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""The generated kv_write kernel (lowering/kv_write_triton.py) equals the reference, run through
+Triton's interpreter on the CPU (in a fresh interpreting process when this one compiles; see
+tests/lowering/test_tree_attention_kernel.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be interpreted")
+
+from specc.lowering.kv_write import kv_write_reference  # noqa: E402
+from specc.lowering.kv_write_triton import generated_sources, kernel_source, kv_write_triton  # noqa: E402
+from tests.lowering.test_tree_attention_kernel import interpreted  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+@st.composite
+def write_cases(draw):
+    batch = draw(st.integers(1, 3))
+    steps = draw(st.integers(1, 40))  # past 16 tokens the write spans several programs
+    capacity = steps + draw(st.integers(0, 30))
+    n_layers = draw(st.integers(1, 3))
+    return dict(
+        n_layers=n_layers,
+        layer=draw(st.integers(0, n_layers - 1)),
+        batch=batch,
+        n_kv=draw(st.integers(1, 3)),
+        steps=steps,
+        capacity=capacity,
+        head_dim=draw(st.sampled_from([4, 8, 24])),  # 24: a padded D tile
+        cache_len=draw(st.lists(st.integers(0, capacity - steps), min_size=batch, max_size=batch)),
+        cache_len_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+        cache_dtype=draw(st.sampled_from([torch.float32, torch.float16])),
+        new_dtype=draw(st.sampled_from([torch.float32, torch.float16])),
+        heads_last=draw(st.booleans()),  # new as a [B, T, Hkv, D] tensor seen as [B, Hkv, T, D]
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@interpreted
+@settings(max_examples=40, deadline=None)
+@given(case=write_cases())
+def test_kv_write_kernel_equals_reference(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    batch, n_kv, steps, head_dim = case["batch"], case["n_kv"], case["steps"], case["head_dim"]
+    # Random (never zero) cache contents: a missing write and a stray write both show.
+    cache = torch.randn(case["n_layers"], batch, n_kv, case["capacity"], head_dim, generator=gen).to(case["cache_dtype"])
+    if case["heads_last"]:
+        new = torch.randn(batch, steps, n_kv, head_dim, generator=gen).transpose(1, 2)
+    else:
+        new = torch.randn(batch, n_kv, steps, head_dim, generator=gen)
+    new = new.to(case["new_dtype"])
+    cache_len = torch.tensor(case["cache_len"], dtype=case["cache_len_dtype"])
+    expected = cache.clone()
+    kv_write_reference(expected, case["layer"], new, cache_len)
+    kv_write_triton(cache, case["layer"], new, cache_len)
+    assert torch.equal(cache, expected)
+
+
+@interpreted
+def test_kv_write_kernel_drops_positions_past_the_cache_end_and_touches_nothing_else():
+    # The cache is a view into a larger buffer whose extra rows (positions >= S) are a guard:
+    # a write past the end must be dropped, not land there.
+    gen = torch.Generator().manual_seed(5)
+    storage = torch.randn(1, 2, 2, 12, 8, generator=gen)
+    cache = storage[:, :, :, :10]
+    guard = storage[:, :, :, 10:].clone()
+    new = torch.randn(2, 2, 4, 8, generator=gen)
+    kv_write_triton(cache, 0, new, torch.tensor([8, 3]))  # sequence 0: positions 8..11, 2 fit
+    assert torch.equal(storage[:, :, :, 10:], guard)
+    assert torch.equal(cache[0, 0, :, 8:10], new[0, :, :2])
+    assert torch.equal(cache[0, 1, :, 3:7], new[1])
+
+
+@interpreted
+def test_kv_write_kernel_source_is_listed_after_a_write():
+    cache = torch.randn(1, 1, 1, 6, 8)
+    kv_write_triton(cache, 0, torch.randn(1, 1, 3, 8), torch.tensor([1]))
+    assert kernel_source(head_dim=8, block_t=4) in generated_sources().values()
+    assert all(key.startswith("kv_write_") for key in generated_sources())
+
+
+def test_kv_write_kernel_source_is_deterministic_and_specialised():
+    source = kernel_source(head_dim=64, block_t=16)
+    assert source == kernel_source(head_dim=64, block_t=16)
+    assert "HEAD_DIM = tl.constexpr(64)" in source and "BLOCK_T = tl.constexpr(16)" in source
+    assert source != kernel_source(head_dim=128, block_t=16)
+    compile(source, "<kv_write kernel>", "exec")
+
+
+def test_kv_write_kernel_rejects_a_mismatched_new_before_launching():
+    cache = torch.randn(1, 2, 2, 8, 4)
+    with pytest.raises(ValueError, match="does not fit cache"):
+        kv_write_triton(cache, 0, torch.randn(2, 3, 1, 4), torch.tensor([0, 0]))

@@ -1,0 +1,305 @@
+"""The generated tree-attention kernel (lowering/tree_attention_triton.py) equals the reference
+and torch's SDPA with the equivalent dense mask, run through Triton's interpreter on the CPU.
+
+Triton chooses between interpreting and compiling when a function is decorated, and decorates
+its own library functions (tl.max, tl.sum, ...) when it is first imported, which torch._dynamo
+does long before this module runs. So `TRITON_INTERPRET=1` only works if set before the
+process's first `import triton`: `interpreted` runs the tests here when this process interprets,
+and otherwise runs this whole module once in a fresh interpreting process and reports each
+test's outcome from there.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+triton = pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be interpreted")
+import triton.language as tl  # noqa: E402
+
+from specc.lowering.tree import ancestor_mask  # noqa: E402
+from specc.lowering.tree_attention import tree_attention_reference  # noqa: E402
+from specc.lowering.tree_attention_triton import generated_sources, kernel_source, tree_attention_triton  # noqa: E402
+from tests.strategies import tree_parents  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Triton 3.6's interpreter turns loop bounds into ints through a numpy conversion that numpy
+# deprecates (once per kernel loop); the kernels are not at fault.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+# ------------------------------------------------------------------ running in the interpreter
+
+_MODULE_RESULTS: dict[str, dict[str, tuple[str, str]]] = {}
+
+
+def _this_process_interprets() -> bool:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    import triton.language.standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton.language.standard.max, InterpretedFunction)
+
+
+def _smoke(x_ptr, out_ptr, N: tl.constexpr):
+    # Decorated only when the interpreter is checked (decorating reads TRITON_INTERPRET).
+    tl.store(out_ptr, tl.sum(tl.load(x_ptr + tl.arange(0, N)), 0))
+
+
+@functools.cache
+def _interpreter_unusable() -> str | None:
+    """Why the interpreter cannot run a trivial kernel here (None when it can)."""
+    try:
+        x = torch.arange(16, dtype=torch.float32)
+        out = torch.zeros(1)
+        triton.jit(_smoke)[(1,)](x, out, N=16)
+        if out.item() != 120.0:
+            return f"the Triton interpreter computed sum(0..15) = {out.item()}, not 120"
+    except Exception as error:  # noqa: BLE001  (any failure means: cannot test kernels here)
+        return f"the Triton {triton.__version__} interpreter does not run here ({error!r}); it needs numpy < 2.4"
+    return None
+
+
+def _run_module_in_interpreter(module_file: str) -> dict[str, tuple[str, str]]:
+    """Run every test of `module_file` in a fresh process with TRITON_INTERPRET=1."""
+    if module_file in _MODULE_RESULTS:
+        return _MODULE_RESULTS[module_file]
+    with tempfile.TemporaryDirectory() as scratch:
+        report = os.path.join(scratch, "report.xml")
+        env = {
+            **os.environ,
+            "TRITON_INTERPRET": "1",
+            "SPECC_CACHE": scratch,  # generated kernels of the run stay in the scratch folder
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", module_file, "-q", "-p", "no:cacheprovider", f"--junitxml={report}"],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200,
+        )
+        results: dict[str, tuple[str, str]] = {}
+        if os.path.exists(report):
+            for case in ElementTree.parse(report).iter("testcase"):
+                failure = case.find("failure")
+                if failure is None:
+                    failure = case.find("error")
+                skipped = case.find("skipped")
+                if failure is not None:
+                    results[case.get("name")] = ("failed", (failure.get("message") or "") + "\n" + (failure.text or ""))
+                elif skipped is not None:
+                    results[case.get("name")] = ("skipped", skipped.get("message") or "")
+                else:
+                    results[case.get("name")] = ("passed", "")
+        results["<output>"] = ("", (proc.stdout + proc.stderr)[-6000:])
+    _MODULE_RESULTS[module_file] = results
+    return results
+
+
+def interpreted(test):
+    """Run `test` under Triton's interpreter (here, or via a fresh process; see the docstring)."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        if _this_process_interprets():
+            reason = _interpreter_unusable()
+            if reason:
+                pytest.skip(reason)
+            return test(*args, **kwargs)
+        results = _run_module_in_interpreter(sys.modules[test.__module__].__file__)
+        outcome, detail = results.get(test.__name__, ("missing", ""))
+        if outcome == "skipped":
+            pytest.skip(detail)
+        assert outcome == "passed", (
+            f"{test.__name__} {outcome} in the interpreting process:\n{detail}\n{results['<output>'][1]}"
+        )
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------- the cases
+
+
+def dense_visible(cache_len: torch.Tensor, tree_mask: torch.Tensor, capacity: int) -> torch.Tensor:
+    """bool [B, T, S]: query t of sequence b sees cache position p (the op's meaning, densely)."""
+    batch, steps, _ = tree_mask.shape
+    positions = torch.arange(capacity)
+    visible = (positions[None, None, :] < cache_len[:, None, None]).expand(batch, steps, capacity).clone()
+    for b in range(batch):
+        start = int(cache_len[b])
+        visible[b, :, start : start + steps] = tree_mask[b]
+    return visible
+
+
+@st.composite
+def attention_cases(draw, max_steps: int = 12, max_cache: int = 80):
+    batch = draw(st.integers(1, 3))
+    steps = draw(st.integers(1, max_steps))
+    n_layers = draw(st.integers(1, 2))
+    return dict(
+        batch=batch,
+        n_kv=draw(st.sampled_from([1, 2, 3])),
+        group=draw(st.sampled_from([1, 2, 3])),
+        head_dim=draw(st.sampled_from([8, 16, 24])),  # 8 and 24 exercise the padded D tile
+        parents=[draw(tree_parents(min_nodes=steps, max_nodes=steps)) for _ in range(batch)],
+        cache_len=draw(st.lists(st.integers(0, max_cache), min_size=batch, max_size=batch)),
+        spare=draw(st.integers(0, 5)),
+        n_layers=n_layers,
+        layer=draw(st.integers(0, n_layers - 1)),
+        dtype=draw(st.sampled_from([torch.float32, torch.float16])),
+        num_splits=draw(st.sampled_from([None, 0, 1, 2, 3, 7])),  # 0: fused, no split
+        heads_last=draw(st.booleans()),  # q as a [B, T, Hq, D] tensor seen as [B, Hq, T, D]
+        score_scale=draw(st.sampled_from([1.0, 1.0, 20.0])),  # 20: near one-hot softmax rows
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def make_inputs(case: dict):
+    gen = torch.Generator().manual_seed(case["seed"])
+    batch, n_kv, group, head_dim = case["batch"], case["n_kv"], case["group"], case["head_dim"]
+    steps = len(case["parents"][0])
+    n_heads = n_kv * group
+    cache_len = torch.tensor(case["cache_len"], dtype=torch.int32)
+    capacity = int(cache_len.max()) + steps + case["spare"]
+    dtype = case["dtype"]
+    if case["heads_last"]:
+        q = torch.randn(batch, steps, n_heads, head_dim, generator=gen).transpose(1, 2)
+    else:
+        q = torch.randn(batch, n_heads, steps, head_dim, generator=gen)
+    q = (q * case["score_scale"]).to(dtype)
+    shape = (case["n_layers"], batch, n_kv, capacity, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    tree_mask = ancestor_mask(torch.tensor(case["parents"], dtype=torch.int32))
+    return q, k_cache, v_cache, cache_len, tree_mask
+
+
+def run_kernel(q, k_cache, v_cache, layer, cache_len, tree_mask, scale, **kwargs):
+    out = torch.empty_like(q).fill_(float("nan"))  # poisoned: an unwritten element stays NaN
+    returned = tree_attention_triton(q, k_cache, v_cache, layer, cache_len, tree_mask, scale, out=out, **kwargs)
+    assert returned is out
+    assert not out.isnan().any(), "the kernel left output elements unwritten"
+    return out
+
+
+TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
+
+
+# ------------------------------------------------------------------------------- the tests
+
+
+@interpreted
+@settings(max_examples=60, deadline=None)
+@given(case=attention_cases())
+@example(case=dict(batch=2, n_kv=3, group=3, head_dim=16, parents=[[-1, 0, 0, 1], [-1, 0, 1, 2]], cache_len=[0, 70],
+                   spare=0, n_layers=2, layer=1, dtype=torch.float16, num_splits=None, heads_last=True,
+                   score_scale=1.0, seed=1))
+def test_tree_attention_kernel_equals_reference(case):
+    q, k_cache, v_cache, cache_len, tree_mask = make_inputs(case)
+    scale = case["head_dim"] ** -0.5
+    out = run_kernel(q, k_cache, v_cache, case["layer"], cache_len, tree_mask, scale, num_splits=case["num_splits"])
+    expected = tree_attention_reference(q, k_cache, v_cache, case["layer"], cache_len, tree_mask, scale)
+    torch.testing.assert_close(out.float(), expected.float(), **TOLERANCE[case["dtype"]])
+
+
+@interpreted
+@settings(max_examples=20, deadline=None)
+@given(case=attention_cases(max_steps=8, max_cache=40))
+def test_tree_attention_kernel_equals_sdpa_with_dense_mask(case):
+    case = {**case, "dtype": torch.float32}
+    q, k_cache, v_cache, cache_len, tree_mask = make_inputs(case)
+    layer, scale = case["layer"], 0.3
+    out = run_kernel(q, k_cache, v_cache, layer, cache_len, tree_mask, scale)
+    visible = dense_visible(cache_len, tree_mask, k_cache.shape[3])
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k_cache[layer], v_cache[layer], attn_mask=visible[:, None], scale=scale, enable_gqa=True
+    )
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+@interpreted
+def test_tree_attention_kernel_prefill_tiles_the_queries():
+    # Prefill is the chain tree: T spans several query tiles (fp16: BLOCK_M = 128 rows = 42
+    # tokens of a group of 3; fp32: 16 rows), so the causal key skipping of every tile counts.
+    # Sequence 0 starts empty; sequence 1 is a chunked prefill after 37 cached tokens.
+    steps, n_kv, group, head_dim = 100, 1, 3, 16
+    for dtype in (torch.float16, torch.float32):
+        gen = torch.Generator().manual_seed(7)
+        q = torch.randn(2, n_kv * group, steps, head_dim, generator=gen).to(dtype)
+        k_cache = torch.randn(1, 2, n_kv, 160, head_dim, generator=gen).to(dtype)
+        v_cache = torch.randn(1, 2, n_kv, 160, head_dim, generator=gen).to(dtype)
+        cache_len = torch.tensor([0, 37])
+        causal = torch.ones(steps, steps, dtype=torch.bool).tril().expand(2, steps, steps)
+        expected = tree_attention_reference(q, k_cache, v_cache, 0, cache_len, causal, head_dim**-0.5)
+        for num_splits in (None, 2):  # None: fused here (the row tiles fill the interpreter's "GPU")
+            out = run_kernel(q, k_cache, v_cache, 0, cache_len, causal, head_dim**-0.5, num_splits=num_splits)
+            torch.testing.assert_close(out.float(), expected.float(), **TOLERANCE[dtype])
+
+
+@interpreted
+def test_tree_attention_kernel_row_seeing_only_itself_returns_its_value():
+    # Empty prefix and a mask that is just the diagonal: softmax over one key is 1, so every
+    # output row is exactly the V of its own position (also the root's case in a real tree).
+    # T > BLOCK_N (64): rows past the first key block see no key in it, the -inf/-inf case.
+    gen = torch.Generator().manual_seed(3)
+    steps, head_dim = 70, 16
+    q = torch.randn(1, 4, steps, head_dim, generator=gen)
+    k_cache = torch.randn(1, 1, 2, steps + 3, head_dim, generator=gen)
+    v_cache = torch.randn(1, 1, 2, steps + 3, head_dim, generator=gen)
+    identity = torch.eye(steps, dtype=torch.bool)[None]
+    expected = v_cache[0, 0].repeat_interleave(2, dim=0)[:, :steps]
+    for num_splits in (0, 3):
+        out = run_kernel(q, k_cache, v_cache, 0, torch.tensor([0]), identity, 0.25, num_splits=num_splits)
+        torch.testing.assert_close(out[0], expected, atol=0, rtol=0)
+
+
+@interpreted
+def test_kernel_output_is_laid_out_like_q_and_listed_in_generated_sources():
+    # Without out=, the result has torch.empty_like(q)'s strides, as the fake implementation says.
+    q = torch.randn(1, 3, 2, 24).transpose(1, 2)  # [B, Hq, T, D] view of a [B, T, Hq, D] tensor
+    cache = torch.randn(1, 1, 1, 8, 24)
+    mask = torch.ones(1, 3, 3, dtype=torch.bool).tril()
+    expected = tree_attention_reference(q, cache, cache, 0, torch.tensor([2]), mask, 0.2)
+    for num_splits, split_kv in ((0, False), (2, True)):
+        out = tree_attention_triton(q, cache, cache, 0, torch.tensor([2]), mask, 0.2, num_splits=num_splits)
+        assert out.stride() == torch.empty_like(q).stride() and out.dtype == q.dtype
+        torch.testing.assert_close(out, expected)
+        source = kernel_source(head_dim=24, gqa_group=2, dtype="float32", block_m=16, block_n=64, split_kv=split_kv)
+        assert source in generated_sources().values()
+    assert all(key.startswith("tree_attention_") for key in generated_sources())
+
+
+def test_kernel_source_is_deterministic_and_specialised():
+    params = dict(head_dim=64, gqa_group=3, dtype="bfloat16", block_m=128, block_n=64, split_kv=True)
+    source = kernel_source(**params)
+    assert source == kernel_source(**params)
+    for line in ("HEAD_DIM = tl.constexpr(64)", "GROUP = tl.constexpr(3)", "BLOCK_M = tl.constexpr(128)",
+                 'DOT_PRECISION = tl.constexpr("tf32")'):
+        assert line in source
+    assert 'DOT_PRECISION = tl.constexpr("ieee")' in kernel_source(**{**params, "dtype": "float32"})
+    assert source != kernel_source(**{**params, "gqa_group": 4})
+    assert "SPLIT_KV = tl.constexpr(False)" in kernel_source(**{**params, "split_kv": False})
+    compile(source, "<tree_attention kernel>", "exec")  # valid Python
+
+
+def test_tree_attention_kernel_rejects_mixed_dtypes_before_launching():
+    q = torch.randn(1, 2, 3, 8)
+    cache = torch.randn(1, 1, 1, 8, 8, dtype=torch.float16)
+    with pytest.raises(ValueError, match="one dtype"):
+        tree_attention_triton(q, cache, cache, 0, torch.tensor([2]), torch.ones(1, 3, 3, dtype=torch.bool), 0.3)
+
+
+def test_dense_visible_matches_the_definition():
+    # The SDPA comparison's mask helper, checked on one hand-written case.
+    mask = ancestor_mask(torch.tensor([[-1, 0, 0]]))
+    visible = dense_visible(torch.tensor([2]), mask, 6)
+    assert visible[0].int().tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 1, 0]]

@@ -1,0 +1,97 @@
+"""Speculative decoding is lossless: greedy output equals plain greedy, for random tiny Llamas,
+random draft heads (both EAGLE kinds), random static trees of 1 to 64 nodes and batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import specc
+from specc.draft.eagle import DraftConfig, EagleDraft
+from specc.lowering.tree import static_tree
+from specc.models.llama import LlamaConfig
+from specc.passes.speculative_step import DynamicTree
+from tests.models_factory import hf_llama, reference_llama
+from tests.oracle_draft import OracleDraft
+from tests.strategies import llama_configs, prompts, seeded_weights, tree_parents
+
+SMALL = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+
+
+def _random_draft(target, config, kind, seed):
+    return seeded_weights(EagleDraft(DraftConfig.for_target(config, kind)), seed).attach_to(target).eval()
+
+
+@st.composite
+def dynamic_trees(draw):
+    top_k = draw(st.integers(1, 4))
+    depth = draw(st.integers(1, 4))
+    most = min(64, top_k + (depth - 1) * top_k**2 + 1)
+    return DynamicTree(top_k, depth, draw(st.integers(2, max(2, most))))
+
+
+@settings(max_examples=12)
+@given(config=llama_configs(max_layers=2), kind=st.sampled_from(["eagle", "eagle3"]),
+       parents=st.one_of(tree_parents(1, 24), dynamic_trees()), seed=st.integers(0, 2**16), data=st.data())
+def test_spec_greedy_equals_plain_greedy(config, kind, parents, seed, data):
+    torch._dynamo.reset()
+    target = reference_llama(config, seed)
+    batch_prompts = data.draw(prompts(config.vocab_size, max_batch=3, max_len=8))
+    new = data.draw(st.integers(1, 12))
+    plain = specc.generate(torch.compile(target, backend=specc.backend()), batch_prompts, max_new_tokens=new, compile=False)
+    draft = _random_draft(target, config, kind, seed + 1)
+    spec = specc.generate(torch.compile(target, backend=specc.backend(draft=draft, tree=parents)),
+                          batch_prompts, max_new_tokens=new, compile=False)
+    assert spec.tokens == plain.tokens
+
+
+@pytest.mark.parametrize("tree", ["chain:6", "eagle", [-1] + [0] * 63], ids=["chain", "eagle", "star64"])
+def test_spec_greedy_equals_plain_on_hf_model_with_named_trees(tree):
+    target = hf_llama(SMALL, seed=11)
+    batch_prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7, 9]]
+    plain = specc.generate(torch.compile(target, backend=specc.backend()), batch_prompts, max_new_tokens=16, compile=False)
+    draft = _random_draft(target, SMALL, "eagle", 5)
+    spec = specc.generate(torch.compile(target, backend=specc.backend(draft=draft, tree=tree)),
+                          batch_prompts, max_new_tokens=16, compile=False)
+    assert spec.tokens == plain.tokens
+
+
+@pytest.mark.parametrize("tree", [static_tree("chain", depth=5), static_tree("eagle"), static_tree("full", depth=3, branching=3),
+                                  DynamicTree(top_k=4, depth=5, size=24), DynamicTree(top_k=8, depth=8, size=64)],
+                         ids=["chain5", "eagle", "full3x3", "dynamic4x5", "dynamic8x8"])
+def test_oracle_draft_accepts_a_full_path_every_step(tree):
+    target = reference_llama(SMALL, seed=2)
+    batch_prompts = [[7, 7, 1], [2, 4, 8, 16, 32]]
+    new = 25
+    plain = specc.generate(torch.compile(target, backend=specc.backend()), batch_prompts, max_new_tokens=new + 12, compile=False)
+    sequences = [p + t for p, t in zip(batch_prompts, plain.tokens)]
+    oracle = OracleDraft(sequences, SMALL.vocab_size, SMALL.hidden_size)
+    spec = specc.generate(torch.compile(target, backend=specc.backend(draft=oracle, tree=tree)),
+                          batch_prompts, max_new_tokens=new, compile=False)
+    assert spec.tokens == [t[:new] for t in plain.tokens]
+    depth = tree.depth if isinstance(tree, DynamicTree) else max(_depths(tree))
+    # after the prefill's token, every step emits depth + 1 tokens until the budget runs out
+    assert spec.steps == len(batch_prompts) * math.ceil((new - 1) / (depth + 1))
+
+
+def _depths(parents):
+    depth = [0] * len(parents)
+    for i in range(1, len(parents)):
+        depth[i] = depth[parents[i]] + 1
+    return depth
+
+
+@pytest.mark.slow
+def test_compiled_spec_step_equals_plain_through_inductor():
+    target = reference_llama(SMALL, seed=4)
+    batch_prompts = [[11, 12, 13, 14], [1, 2]]
+    plain = specc.generate(torch.compile(target, backend=specc.backend()), batch_prompts, max_new_tokens=10, compile=False)
+    draft = _random_draft(target, SMALL, "eagle3", 6)
+    spec = specc.generate(torch.compile(target, backend=specc.backend(draft=draft, tree="eagle")),
+                          batch_prompts, max_new_tokens=10, compile=True)
+    assert spec.tokens == plain.tokens
