@@ -76,3 +76,23 @@ def unique_parameter_bytes(model: torch.nn.Module) -> int:
     for p in model.parameters():
         seen[p.data_ptr()] = p.numel() * p.element_size()
     return sum(seen.values())
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """HF `generate`, greedy, exactly max_new_tokens new tokens.
+
+    The explicit all-ones attention mask matters: ChatML prompts contain <|im_end|>, which
+    SmolLM2's generation config also names as the pad token, and HF would otherwise guess it is
+    padding and mask it. min_new_tokens keeps HF going past EOS by suppressing EOS, so compare
+    outputs only up to the first EOS (see `until_eos`).
+    """
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         min_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def until_eos(tokens: list[int], eos_id: int) -> list[int]:
+    """The answer proper: tokens up to and including the first EOS."""
+    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens

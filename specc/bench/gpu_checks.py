@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import specc
-from specc.bench.common import environment, mt_bench_first_turns
+from specc.bench.common import environment, hf_greedy, mt_bench_first_turns, until_eos
 
 
 def _margin_at_divergence(model, prompt, ours, theirs) -> dict | None:
@@ -84,17 +84,16 @@ def run(draft_path: str | None = None, n_prompts: int = 8, max_new_tokens: int =
             for prompt in prompts:
                 plain = specc.generate(plain_c, [prompt], max_new_tokens=max_new_tokens, max_seq_len=max_seq_len)
                 spec = specc.generate(spec_c, [prompt], max_new_tokens=max_new_tokens, max_seq_len=max_seq_len)
-                hf = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=max_new_tokens,
-                                    min_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
-                                    pad_token_id=tokenizer.eos_id)[0, len(prompt):].tolist()
+                hf = until_eos(hf_greedy(model, prompt, max_new_tokens), tokenizer.eos_id)
+                ours = until_eos(plain.tokens[0], tokenizer.eos_id)
                 entry = {
                     "prompt_tokens": len(prompt),
-                    "plain_equals_hf": plain.tokens[0] == hf,
+                    "plain_equals_hf": ours == hf[: len(ours)],
                     "spec_equals_plain": spec.tokens[0] == plain.tokens[0],
                     "spec_mean_accept_length": spec.mean_accept_length,
                 }
-                if plain.tokens[0] != hf:
-                    entry["plain_vs_hf_divergence"] = _margin_at_divergence(model, prompt, plain.tokens[0], hf)
+                if ours != hf[: len(ours)]:
+                    entry["plain_vs_hf_divergence"] = _margin_at_divergence(model, prompt, ours, hf)
                 if spec.tokens[0] != plain.tokens[0]:
                     entry["spec_vs_plain_divergence"] = _margin_at_divergence(model, prompt, spec.tokens[0], plain.tokens[0])
                 section["prompts"].append(entry)

@@ -18,18 +18,19 @@ import torch
 from tqdm import tqdm
 
 import specc
-from specc.bench.common import copy_bandwidth, environment, mt_bench_first_turns, unique_parameter_bytes
+from specc.bench.common import copy_bandwidth, environment, hf_greedy, mt_bench_first_turns, unique_parameter_bytes, until_eos
 
 
 def _sync() -> None:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _first_divergence(model, prompt: list[int], ours: list[int], theirs: list[int]) -> dict | None:
     """Where two greedy continuations first differ, and how close the model's top two were."""
     for index, (a, b) in enumerate(zip(ours, theirs)):
         if a != b:
-            ids = torch.tensor([prompt + theirs[:index]], device="cuda")
+            ids = torch.tensor([prompt + theirs[:index]], device=next(model.parameters()).device)
             with torch.no_grad():
                 logits = model(ids, use_cache=False).logits[0, -1].float()
             top = logits.topk(2)
@@ -49,11 +50,13 @@ def run(
     dtype: torch.dtype = torch.bfloat16,
     prompt_file: str | None = None,
     out: str | Path | None = None,
+    limit: int | None = None,
+    device: str = "cuda",
 ) -> dict:
     from specc.models.load import load_hf_llama
 
-    model, tokenizer = load_hf_llama(dtype=dtype, device="cuda")
-    rows = mt_bench_first_turns(prompt_file)
+    model, tokenizer = load_hf_llama(dtype=dtype, device=device)
+    rows = mt_bench_first_turns(prompt_file, limit=limit)
     prompts = [tokenizer.encode_chat([{"role": "user", "content": r["prompt"]}]) for r in rows]
     hf_subset = [i for i, r in enumerate(rows) if sum(1 for s in rows[: i + 1] if s["category"] == r["category"]) <= hf_prompts_per_category]
     max_seq_len = 256 * -(-(max(len(p) for p in prompts) + max_new_tokens) // 256)
@@ -76,21 +79,20 @@ def run(
         })
 
     hf_runs = []
-    model.generate(torch.tensor([prompts[0]], device="cuda"), max_new_tokens=8, do_sample=False)  # warm-up
+    model.generate(torch.tensor([prompts[0]], device=device), max_new_tokens=8, do_sample=False)  # warm-up
     for index in tqdm(hf_subset, desc="HF eager generate"):
-        ids = torch.tensor([prompts[index]], device="cuda")
         _sync()
         start = time.perf_counter()
-        generated = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                   do_sample=False, eos_token_id=None, pad_token_id=tokenizer.eos_id)
+        hf_tokens = hf_greedy(model, prompts[index], max_new_tokens)
         _sync()
         seconds = time.perf_counter() - start
-        hf_runs.append({"index": index, "tokens": generated[0, len(prompts[index]):].tolist(), "seconds": seconds})
+        hf_runs.append({"index": index, "tokens": hf_tokens, "seconds": seconds})
 
     divergences = []
     for run_hf in hf_runs:
-        ours = specc_runs[run_hf["index"]]["tokens"]
-        found = _first_divergence(model, prompts[run_hf["index"]], ours, run_hf["tokens"])
+        # compared up to specc's first EOS: HF's min_new_tokens suppresses EOS, specc does not
+        ours = until_eos(specc_runs[run_hf["index"]]["tokens"], tokenizer.eos_id)
+        found = _first_divergence(model, prompts[run_hf["index"]], ours, run_hf["tokens"][: len(ours)])
         if found:
             divergences.append({"prompt_index": run_hf["index"], **found})
 
@@ -99,7 +101,7 @@ def run(
         return sum(len(r["tokens"]) for r in chosen) / sum(r["seconds"] for r in chosen)
 
     subset = set(hf_subset)
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth() if device == "cuda" else float("nan")
     weight_bytes = unique_parameter_bytes(model)
     step_seconds = statistics.median(r["decode_seconds"] / r["steps"] for r in specc_runs)
     floor_seconds = weight_bytes / bandwidth

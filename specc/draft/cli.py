@@ -54,6 +54,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-batch-size", type=int, default=64, help="prompts per specc.generate call")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="response length cap when generating")
     parser.add_argument("--gen-max-seq-len", type=int, default=1024, help="cache length of the generation engines")
+    parser.add_argument("--gen-time-budget", type=float, default=None, metavar="SECONDS",
+                        help="stop generating after this long and save what there is (in the planned mix)")
     parser.add_argument("--no-compile", action="store_true", help="generate without Inductor (CPU runs)")
     parser.add_argument("--plot-only", action="store_true", help="only redraw the plots of --out-dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -86,12 +88,12 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         summary = build_dataset(
             compiled, tokenizer, args.data_dir, args.generate_data, seed=args.seed, batch_size=args.gen_batch_size,
             max_new_tokens=args.max_new_tokens, max_seq_len=args.gen_max_seq_len, compile=not args.no_compile,
-            progress=progress,
+            progress=progress, time_budget=args.gen_time_budget,
         )
         print(f"data: {summary.sequences} sequences ({summary.prompt_tokens} prompt + {summary.response_tokens} "
               f"response tokens) in {summary.seconds:.0f} s; kept {summary.counts_kept}; "
               f"dropped {summary.dropped_mt_bench} for MT-Bench overlap, {summary.dropped_too_long} too long; "
-              f"files {summary.files}")
+              f"{'stopped early (time budget); ' if summary.stopped_early else ''}files {summary.files}")
         del compiled
         torch._dynamo.reset()
         if device.startswith("cuda"):

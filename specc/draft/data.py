@@ -50,6 +50,7 @@ import sys
 import textwrap
 import time
 from collections import Counter
+from itertools import zip_longest
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -434,33 +435,37 @@ def generate_batched(
     compile: bool = True,
     progress: bool = True,
     desc: str = "generate",
-) -> list[list[int]]:
+    deadline: float | None = None,
+) -> list[list[int] | None]:
     """Responses for `prompts`, greedy or at T=0.7 per prompt, through specc.generate.
 
-    Every call uses exactly `batch_size` prompts (the last batch is padded with copies of its
-    first prompt, whose answers are dropped) and one `max_seq_len`, so specc builds one engine
-    per sampling rule and reuses it. Sampled prompt i is seeded with `seed * 1_000_003 + i`.
+    Every call uses exactly `batch_size` prompts (the last batch of each kind is padded with
+    copies of its first prompt, whose answers are dropped) and one `max_seq_len`, so specc
+    builds one engine per sampling rule and reuses it. Greedy and sampled batches alternate, so
+    that stopping at `deadline` (time.monotonic()) keeps both; prompts not reached get None.
+    Sampled prompt i is seeded with `seed * 1_000_003 + i`.
     """
     import specc
 
     responses: list[list[int] | None] = [None] * len(prompts)
+    groups = []
     for want_greedy in (True, False):
         order = [i for i in range(len(prompts)) if bool(greedy[i]) == want_greedy]
-        if not order:
-            continue
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        label = f"{desc} ({'greedy' if want_greedy else f'T={SAMPLING_TEMPERATURE}'})"
-        for batch in _progress(batches, len(batches), label, progress):
-            padded = batch + [batch[0]] * (batch_size - len(batch))
-            out = specc.generate(
-                compiled, [list(prompts[i]) for i in padded], max_new_tokens=max_new_tokens,
-                temperature=0.0 if want_greedy else SAMPLING_TEMPERATURE,
-                seed=[seed * 1_000_003 + i for i in padded], stop_ids=list(stop_ids),
-                max_seq_len=max_seq_len, compile=compile,
-            )
-            for index, tokens in zip(batch, out.tokens):
-                responses[index] = list(tokens)
-    return responses  # type: ignore[return-value]
+        groups.append([(want_greedy, order[i:i + batch_size]) for i in range(0, len(order), batch_size)])
+    batches = [b for pair in zip_longest(*groups) for b in pair if b is not None]
+    for want_greedy, batch in _progress(batches, len(batches), desc, progress):
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        padded = batch + [batch[0]] * (batch_size - len(batch))
+        out = specc.generate(
+            compiled, [list(prompts[i]) for i in padded], max_new_tokens=max_new_tokens,
+            temperature=0.0 if want_greedy else SAMPLING_TEMPERATURE,
+            seed=[seed * 1_000_003 + i for i in padded], stop_ids=list(stop_ids),
+            max_seq_len=max_seq_len, compile=compile,
+        )
+        for index, tokens in zip(batch, out.tokens):
+            responses[index] = list(tokens)
+    return responses
 
 
 @dataclass
@@ -477,6 +482,7 @@ class DataSummary:
     greedy_sequences: int
     finished_responses: int
     seconds: float
+    stopped_early: bool
     files: list[str]
 
     def to_dict(self) -> dict:
@@ -498,12 +504,16 @@ def build_dataset(
     progress: bool = True,
     extra_prompts: Sequence[PromptItem] = (),
     mt_bench: MTBenchFilter | None = None,
+    time_budget: float | None = None,
     log: Callable[[str], None] = print,
 ) -> DataSummary:
     """Build `n_prompts` first-turn prompts (plus follow-ups), let the target answer them and
     save the sequences under `out_dir` (see the module docstring). `extra_prompts` are added
-    as they are (and filtered like the rest)."""
+    as they are (and filtered like the rest). With `time_budget` (seconds), generation stops
+    launching batches once it is spent, keeps what it has (in the planned mix, since prompts
+    are shuffled) and still saves; the summary's `stopped_early` says so."""
     start = time.perf_counter()
+    deadline = None if time_budget is None else time.monotonic() + time_budget
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -513,7 +523,7 @@ def build_dataset(
     stop_ids = [tokenizer.eos_id]
     max_prompt_tokens = max_seq_len - max_new_tokens
     gen = dict(max_new_tokens=max_new_tokens, stop_ids=stop_ids, batch_size=batch_size, max_seq_len=max_seq_len,
-               compile=compile, progress=progress)
+               compile=compile, progress=progress, deadline=deadline)
     dropped = Counter()
 
     def encode(items: list[PromptItem]) -> tuple[list[PromptItem], list[list[int]]]:
@@ -538,8 +548,8 @@ def build_dataset(
         replies = generate_batched(compiled, [tokenizer.encode(r) for r in requests], [False] * len(requests),
                                    seed=seed + 1, desc="self-instruct", **{**gen, "max_new_tokens": min(96, max_new_tokens)})
         seen = {normalize(t["instruction"]) for t in seeds}
-        for reply in replies:
-            finished = bool(reply) and reply[-1] in stop_ids
+        for reply in filter(None, replies):
+            finished = reply[-1] in stop_ids
             text = tokenizer.decode([t for t in reply if t not in stop_ids], skip_special_tokens=True)
             for instruction in parse_self_written(text, finished):
                 if normalize(instruction) not in seen and not mt_bench.overlaps(instruction):
@@ -557,8 +567,11 @@ def build_dataset(
         if item.source != "self_instruct_seed":
             item.greedy = rng.random() < greedy_fraction
     items += list(extra_prompts)
+    rng.shuffle(items)
     items, prompt_ids = encode(items)
     responses = generate_batched(compiled, prompt_ids, [i.greedy for i in items], seed=seed + 2, desc="answers", **gen)
+    answered = [i for i, r in enumerate(responses) if r is not None]
+    items, prompt_ids, responses = ([x[i] for i in answered] for x in (items, prompt_ids, responses))
     sequences = Sequences()
     for item, ids, response in zip(items, prompt_ids, responses):
         sequences.add(ids + response, len(ids), item.greedy, item.source)
@@ -576,8 +589,10 @@ def build_dataset(
         follow_responses = generate_batched(compiled, follow_ids, [i.greedy for i in follow_items], seed=seed + 3,
                                             desc="follow-ups", **gen)
         for item, ids, response in zip(follow_items, follow_ids, follow_responses):
-            sequences.add(ids + response, len(ids), item.greedy, item.source)
-        items += follow_items
+            if response is not None:
+                sequences.add(ids + response, len(ids), item.greedy, item.source)
+                items.append(item)
+    stopped_early = deadline is not None and time.monotonic() > deadline
 
     files = save_sequences(out_dir, sequences, tag=f"s{seed}")
     with (out_dir / f"prompts-s{seed}.jsonl").open("w") as handle:
@@ -597,6 +612,7 @@ def build_dataset(
         greedy_sequences=sum(sequences.greedy),
         finished_responses=sum(1 for t, r in zip(sequences.tokens, sequences.response_start) if t[-1] in stop_ids),
         seconds=round(time.perf_counter() - start, 1),
+        stopped_early=stopped_early,
         files=[f.name for f in files],
     )
     recipe = {
