@@ -4,8 +4,9 @@ The target has scored every tree node in one forward: p_i = target_probs[b, i] i
 distribution of the token after node i, and q_i = draft_probs[b, i] is the (identically shaped)
 draft distribution that node i's children were drawn from. The op walks down from the root and
 emits accept_len accepted draft tokens plus one token drawn from the target (the correction after
-a rejection, or the bonus after a leaf or at max_depth): accept_len + 1 tokens in all, distributed
-exactly as accept_len + 1 steps of sampling the target alone.
+a rejection, or the bonus after a leaf or at max_depth). Lossless: each emitted token, given all
+tokens before it, is distributed as p given those tokens, so the stream that decode steps emit
+is distributed exactly as sampling the (shaped) target one token at a time.
 
 rule="rrs" — recursive rejection sampling (Jeon et al., arXiv:2402.14160), the default.
   At the current node, with residuals p (target) and q (draft), initially p_i and q_i, try the
@@ -14,15 +15,17 @@ rule="rrs" — recursive rejection sampling (Jeon et al., arXiv:2402.14160), the
       on rejection:  p <- norm(max(0, p - q)),  q <- norm(q with x removed),  try the next child.
   An accepted child becomes the current node (p, q <- its p_j, q_j). When no child is accepted
   (or the node is a leaf, or max_depth is reached) the last token is drawn from the residual p.
-  Exact (the emitted tokens are distributed as the target's) when, under every node, the
-  children in index order are successive draws without replacement from q_i (Gumbel-top-k,
-  sampling.gumbel_top_k) and whether draw m + 1 is kept in the tree depends on the draws only
-  through draws 1..m and other nodes' independent draws (a fixed number of children per node, as
-  in a static tree shape sampled by Gumbel-top-k, qualifies; keeping children because of their
-  own draft probabilities, as EAGLE-2's reranking does, does not). Why: draw m + 1, given draws
-  1..m, is distributed as q with them removed, which is the q the rule holds; and rejecting x
-  under (p, q) leaves exactly the mass max(0, p - q), which does not depend on x (the standard
-  rejection-sampling lemma, applied recursively).
+  Exact when, under every node, the children in index order are successive draws without
+  replacement from q_i (Gumbel-top-k, sampling.gumbel_top_k), and the number kept is a stopping
+  time of that draw sequence: whether draw m + 1 is kept may depend on draws 1..m and on
+  anything independent of this node's draws (the node's own path, other branches' noise, a
+  fixed tree shape), but not on draw m + 1 itself, later draws, or what was drawn below them.
+  A static tree shape sampled by Gumbel-top-k qualifies; keeping children because of their own
+  draft probabilities (EAGLE-2's reranking) does not. Why it is exact: given draws 1..m, draw
+  m + 1 is distributed as q with them removed, which is the q the rule holds; accepting x ~ q
+  with probability min(1, p(x)/q(x)) emits x with probability min(p(x), q(x)) and leaves the
+  mass max(0, p - q) for the rejection branch, which does not depend on x; so by induction over
+  the children the rejection branch emits norm(max(0, p - q)) and the node emits p.
   A child with q(x) = 0 at its turn (a draw past q's support, or a repeated token) cannot have
   been drawn from q: it is never accepted and changes nothing.
 
@@ -30,11 +33,16 @@ rule="q_one" — the rule of EAGLE / SGLang / vLLM tree sampling, "the draft's p
   Try the children in index order: accept x with probability p(x); on rejection
   p <- norm(p with x removed). draft_probs is not read.
   Exact for ANY choice of children, sampled or deterministic (draft top-k, EAGLE-2 reranking, a
-  static tree of draft ranks), as long as the tree does not depend on this op's random numbers:
-  given the children x_1..x_k, it is sequential sampling from p that looks at the candidates
-  first (P(emit x_m) = p(x_m) for each candidate, the rest from p off the candidates). It accepts
-  less than rrs when children are drawn from q (E[p(x)] = sum p q <= sum min(p, q) per draw), but
-  it is the rule for trees whose children are chosen deterministically, where rrs is NOT exact.
+  static tree of draft ranks, repeated tokens), as long as the tree does not depend on this op's
+  random numbers: given the children, it is sequential sampling from p that checks the
+  candidates first (each candidate x is emitted with probability p(x), the rest of p when all
+  are rejected). It accepts less than rrs when children are drawn from q (a first child is
+  accepted with probability sum p q <= sum min(p, q)), but it is the rule for trees whose
+  children are chosen deterministically, where rrs is NOT exact.
+
+Arithmetic: exact in real numbers; in floats, the accept coins have 23-bit resolution (each
+decision's probability is off by < 2**-23), the residuals are float32 and the final token's
+inverse CDF is float64.
 
 Random numbers: node j's coin is uniform(seed[b], counter[b], j, STREAM_VERIFY) (float32) and the
 final token's is index 0 of the same stream in float64, for an inverse CDF taken in float64

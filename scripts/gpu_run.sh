@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 for job in "$@"; do
   case "$job" in
     tests)  python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
-    checks) python3 -c "from specc.bench.gpu_checks import run, summary; print(summary(run(draft_path='${DRAFT:-}' or None, out='$OUT/gpu_checks.json')))" 2>&1 | tee "$OUT/gpu_checks.log" | tail -25 ;;
+    checks) python3 -c "from specc.bench.gpu_checks import run; run(draft_path='${DRAFT:-}' or None, out='$OUT/gpu_checks.json')" 2>&1 | tee "$OUT/gpu_checks.log" | tail -25 ;;
     plain)  specc bench plain --out "$OUT/plain.json" 2>&1 | tee "$OUT/plain.log" | tail -12 ;;
     *) echo "unknown job $job" ;;
   esac

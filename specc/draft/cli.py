@@ -1,7 +1,7 @@
 """`specc train-draft`: generate self-distillation data and train an EAGLE draft head.
 
     specc train-draft --generate-data 8000 --data-dir D --steps 0          # data only
-    specc train-draft --kind eagle3 --data-dir D --out-dir R --steps 6000 --time-budget 380 --resume
+    specc train-draft --kind eagle3 --data-dir D --out-dir R --steps 5000 --time-budget 360 --resume
     specc train-draft --plot-only --out-dir R                               # redraw the plots
 
 `add_train_draft_parser(subparsers)` adds the subcommand to specc's command line; `main()`
@@ -40,7 +40,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt when there is one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, warmup then cosine to 10%%)")
     parser.add_argument("--max-len", type=int, default=768, help="training sequences are cut to this many tokens")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--model", default=None, help="target GGUF (default: the embedded SmolLM2-135M-Instruct)")

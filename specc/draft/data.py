@@ -30,7 +30,8 @@ what it kept):
 Responses: greedy for about half the prompts and temperature 0.7 for the rest (the head is
 used under both), up to `max_new_tokens`, stopped at the tokenizer's end of turn. All
 generation runs at one batch size and one cache length, so specc compiles two engines (greedy,
-sampled) once and reuses them.
+sampled) once and reuses them. Prompts are shuffled and greedy and sampled batches alternate,
+so a `time_budget` that stops generation early keeps the planned mix.
 
 Storage (`save_sequences` / `load_sequences`): `seqs-{tag}-{i:03d}.pt` files (torch, loadable
 with weights_only=True), each under `max_shard_bytes` (12 MiB by default): int32 `tokens`

@@ -78,7 +78,7 @@ between calls); every call copies what must survive into $OUT. Timings below are
        export PYTHONPATH=~/site PYTHONUNBUFFERED=1 &&
        timeout 450 python3 -m specc.draft.cli --model ~/m/SmolLM2-135M-Instruct.Q4_1.gguf \\
          --kind eagle3 --data-dir ~/m/data --out-dir ~/m/run --steps 5000 --time-budget 360 \\
-         --resume --batch-size 16 --max-len 768 --lr 3e-4 --seed 0 --no-progress ;
+         --resume --batch-size 16 --max-len 768 --lr 5e-4 --seed 0 --no-progress ;
        mkdir -p $OUT/ckpt && cp ~/m/run/ckpt/* $OUT/ckpt/ &&
        cp ~/m/run/draft-best.safetensors ~/m/run/metrics.jsonl ~/m/run/summary.json ~/m/run/*.png $OUT/
      (--time-budget counts from the start of training; loading, the last evaluation and the
@@ -132,7 +132,7 @@ class TrainConfig:
     steps: int = 3000  # length of the schedule: training ends here
     batch_size: int = 16
     max_len: int = 768
-    lr: float = 3e-4
+    lr: float = 5e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.0

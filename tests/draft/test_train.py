@@ -322,3 +322,14 @@ def test_data_pipeline_end_to_end_keeps_mt_bench_out(tmp_path):
     assert response == target.greedy_reference(prompt, len(response))[0].tolist()
     recipe = json.loads((tmp_path / "recipe-s3.json").read_text())
     assert recipe["sequences"] == summary.sequences and recipe["dropped_mt_bench"] == summary.dropped_mt_bench
+
+
+def test_data_generation_stops_at_its_time_budget_and_still_saves(tmp_path):
+    target = reference_llama(TINY, seed=2)
+    compiled = torch.compile(target, backend=specc.backend())
+    summary = build_dataset(compiled, WordTokenizer(TINY.vocab_size), tmp_path, n_prompts=8, batch_size=4,
+                            max_new_tokens=4, max_seq_len=512, compile=False, progress=False, time_budget=0.0,
+                            log=lambda _: None)
+    assert summary.stopped_early and summary.sequences == 0
+    assert len(load_sequences(tmp_path)) == 0
+    assert json.loads((tmp_path / "recipe-s0.json").read_text())["stopped_early"]

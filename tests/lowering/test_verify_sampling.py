@@ -29,12 +29,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 import specc.lowering  # noqa: F401  (registers the ops)
 from specc.lowering import verify_sampling as vs
 from specc.lowering.sampling import gumbel_top_k, shape_logits
 from tests.lowering.test_sampling import chi_square, counts
 
 verify_sampling = torch.ops.specc.verify_sampling
+ROOT = 0  # the token every decoded stream starts after
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,8 +55,9 @@ class ToyModel:
     def vocab(self) -> int:
         return self.target.shape[-1]
 
-    def pair_probs(self, root: int) -> np.ndarray:
-        first = self.target[0, root].double()
+    def pair_probs(self) -> np.ndarray:
+        """P(t1, t2) = p(t1 | ROOT) p(t2 | t1)."""
+        first = self.target[0, ROOT].double()
         return (first[:, None] * self.target[1].double()).numpy()
 
 
@@ -113,9 +116,9 @@ def draw_tree(
 
 def first_two_tokens(
     model: ToyModel, parents: list[int], max_depth: int, trials: int, seed: int, rule: str = "rrs",
-    children: str = "sampled", root: int = 0,
+    children: str = "sampled",
 ) -> torch.Tensor:
-    """[trials, 2]: the first two tokens of the stream that decoding from `root` emits."""
+    """[trials, 2]: the first two tokens of the stream that decoding from ROOT emits."""
     seeds = torch.arange(trials, dtype=torch.long) * 7919 + seed
     counter = torch.zeros(trials, dtype=torch.long)
     batch_parents = torch.tensor(parents).expand(trials, -1)
@@ -124,28 +127,28 @@ def first_two_tokens(
         tokens, target_probs, draft_probs = draw_tree(model, parents, root_tokens, position, seeds, counter, children)
         return verify_sampling(tokens, batch_parents, target_probs, draft_probs, seeds, counter, max_depth, rule)
 
-    accept_len, _, out_tokens = step(torch.full((trials,), root), 0, counter)
+    accept_len, _, out_tokens = step(torch.full((trials,), ROOT), 0, counter)
     first = out_tokens[:, 0]
     _, _, next_out = step(first, 1, counter + 1)
     second = torch.where(accept_len >= 1, out_tokens[:, 1], next_out[:, 0])
     return torch.stack([first, second], 1)
 
 
-def stream_verdicts(model: ToyModel, tokens: torch.Tensor, root: int = 0) -> dict[str, tuple[float, float]]:
+def stream_verdicts(model: ToyModel, tokens: torch.Tensor) -> dict[str, tuple[float, float]]:
     """Chi-square (statistic, threshold) of the first tokens and of the first pairs."""
     vocab = model.vocab
-    first = chi_square(counts(tokens[:, 0], vocab), model.target[0, root].double().numpy())
-    pairs = chi_square(counts(tokens[:, 0] * vocab + tokens[:, 1], vocab * vocab), model.pair_probs(root))
+    first = chi_square(counts(tokens[:, 0], vocab), model.target[0, ROOT].double().numpy())
+    pairs = chi_square(counts(tokens[:, 0] * vocab + tokens[:, 1], vocab * vocab), model.pair_probs())
     return {"first token": first[:2], "first pair": pairs[:2]}
 
 
-def assert_stream_is_the_targets(model: ToyModel, tokens: torch.Tensor, root: int = 0) -> None:
-    for name, (statistic, threshold) in stream_verdicts(model, tokens, root).items():
+def assert_stream_is_the_targets(model: ToyModel, tokens: torch.Tensor) -> None:
+    for name, (statistic, threshold) in stream_verdicts(model, tokens).items():
         assert statistic < threshold, f"{name}: chi-square {statistic:.1f} >= threshold {threshold:.1f}"
 
 
-def stream_is_rejected(model: ToyModel, tokens: torch.Tensor, root: int = 0) -> bool:
-    return any(statistic >= threshold for statistic, threshold in stream_verdicts(model, tokens, root).values())
+def stream_is_rejected(model: ToyModel, tokens: torch.Tensor) -> bool:
+    return any(statistic >= threshold for statistic, threshold in stream_verdicts(model, tokens).values())
 
 
 @st.composite
