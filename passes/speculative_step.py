@@ -162,13 +162,42 @@ def _forest_mask(parents: torch.Tensor, levels: int) -> torch.Tensor:
     return mask
 
 
-def _draft_static(draft, plan: TreePlan, root_token, root_hidden, cache_len, draft_k, draft_v):
+@dataclass
+class StaticTreeConstants:
+    """The static tree as device tensors, made once outside the traced step: a tensor built
+    from a Python list inside the step would be a host constant copied in on every replay,
+    which a CUDA graph cannot capture."""
+
+    parents: torch.Tensor
+    depth: torch.Tensor
+    mask: torch.Tensor
+    level_nodes: list[torch.Tensor]  # per level: node indices
+    level_rows: list[torch.Tensor]  # per level: node index - 1 (rows of the non-root hidden)
+    parent_slot: list[torch.Tensor]  # per level: the parent's position in the previous level
+    child_rank: list[torch.Tensor]
+
+    @classmethod
+    def build(cls, plan: TreePlan, device) -> StaticTreeConstants:
+        def t(values):
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        levels = plan.levels
+        return cls(
+            parents=t(plan.parents),
+            depth=t(plan.depth),
+            mask=plan.ancestor_mask().to(device),
+            level_nodes=[t(nodes) for nodes in levels],
+            level_rows=[t([i - 1 for i in nodes]) for nodes in levels],
+            parent_slot=[t([levels[d - 1].index(plan.parents[i]) for i in levels[d]]) if d else t([]) for d in range(len(levels))],
+            child_rank=[t([plan.rank[i] for i in nodes]) for nodes in levels],
+        )
+
+
+def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token, root_hidden, cache_len, draft_k, draft_v):
     """Each node's token is the rank-th best of its parent's draft logits; D - 1 draft forwards."""
     batch, device = root_token.shape[0], root_token.device
     n_nodes, depth_max = plan.size, plan.max_depth
-    parents = torch.tensor(plan.parents, device=device)
-    depth = torch.tensor(plan.depth, device=device)
-    tree_mask = plan.ancestor_mask().to(device)
+    parents, depth, tree_mask = const.parents, const.depth, const.mask
     tree_tokens = torch.zeros(batch, n_nodes, dtype=torch.int64, device=device)
     tree_tokens[:, 0] = root_token
     node_hidden = torch.zeros(batch, n_nodes, root_hidden.shape[-1], dtype=root_hidden.dtype, device=device)
@@ -176,12 +205,8 @@ def _draft_static(draft, plan: TreePlan, root_token, root_hidden, cache_len, dra
     level_logits = draft.logits(root_hidden[:, None])  # [B, 1, V]
     non_root_mask = tree_mask[1:, 1:].expand(batch, n_nodes - 1, n_nodes - 1)
     for level in range(1, depth_max + 1):
-        previous = plan.levels[level - 1]
-        nodes = plan.levels[level]
         top = level_logits.topk(plan.children_needed(level - 1), dim=-1).indices  # [B, |previous|, k]
-        parent_slot = torch.tensor([previous.index(plan.parents[i]) for i in nodes], device=device)
-        child_rank = torch.tensor([plan.rank[i] for i in nodes], device=device)
-        tree_tokens[:, list(nodes)] = top[:, parent_slot, child_rank]
+        tree_tokens[:, const.level_nodes[level]] = top[:, const.parent_slot[level], const.child_rank[level]]
         if level == depth_max:
             break
         # every non-root node reads its parent's guessed feature; nodes deeper than this
@@ -189,12 +214,12 @@ def _draft_static(draft, plan: TreePlan, root_token, root_hidden, cache_len, dra
         hidden = draft.decode(tree_tokens[:, 1:], node_hidden[:, parents[1:]],
                               cache_len[:, None] + depth[None, 1:] - 1, cache_len, non_root_mask, draft_k, draft_v)
         node_hidden[:, 1:] = hidden
-        level_logits = draft.logits(hidden[:, [i - 1 for i in nodes]])
+        level_logits = draft.logits(hidden[:, const.level_rows[level]])
     return (tree_tokens, parents.expand(batch, n_nodes), depth.expand(batch, n_nodes),
             tree_mask.expand(batch, n_nodes, n_nodes))
 
 
-def _draft_dynamic(draft, spec: DynamicTree, root_token, root_hidden, cache_len, draft_k, draft_v):
+def _draft_dynamic(draft, spec: DynamicTree, cand_depth_t: torch.Tensor, root_token, root_hidden, cache_len, draft_k, draft_v):
     """EAGLE-2: per level, the top_k frontier nodes (by cumulative log q) are run through the
     draft and each proposes its top_k children; select_tree keeps the best size - 1."""
     from specc.lowering.tree import ancestor_mask, tree_depth
@@ -205,7 +230,6 @@ def _draft_dynamic(draft, spec: DynamicTree, root_token, root_hidden, cache_len,
     frontier_scores, frontier_tokens = log_q.topk(k, dim=-1)
     cand_tokens, cand_scores = [frontier_tokens], [frontier_scores]
     cand_parents = [torch.full((batch, k), -1, dtype=torch.int64, device=device)]
-    cand_depth = [1] * k
     frontier_cand = torch.arange(k, device=device).expand(batch, k)
     frontier_parent_slot = torch.full((batch, k), -1, dtype=torch.int64, device=device)
     frontier_feats = root_hidden[:, None].expand(batch, k, hidden_size)
@@ -231,7 +255,6 @@ def _draft_dynamic(draft, spec: DynamicTree, root_token, root_hidden, cache_len,
         cand_tokens.append(child_tokens)
         cand_scores.append(scores)
         cand_parents.append(frontier_cand[:, :, None].expand(batch, k, k).flatten(1))
-        cand_depth += [level + 1] * (k * k)
         best_scores, best = scores.topk(k, dim=-1)
         frontier_tokens, frontier_scores = child_tokens.gather(1, best), best_scores
         frontier_cand = n_cand + best
@@ -240,13 +263,24 @@ def _draft_dynamic(draft, spec: DynamicTree, root_token, root_hidden, cache_len,
         n_cand += k * k
     tree_tokens, parents, _ = torch.ops.specc.select_tree(
         root_token, torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1), torch.cat(cand_parents, 1),
-        torch.tensor(cand_depth, device=device), spec.size)
+        cand_depth_t, spec.size)
     return tree_tokens, parents, tree_depth(parents), ancestor_mask(parents)
+
+
+def dynamic_candidate_depth(spec: DynamicTree, device) -> torch.Tensor:
+    """Depth of every candidate _draft_dynamic proposes: top_k at depth 1, top_k^2 per level after."""
+    depths = [1] * spec.top_k + [d for d in range(2, spec.depth + 1) for _ in range(spec.top_k**2)]
+    return torch.tensor(depths, dtype=torch.int64, device=device)
 
 
 def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree) -> Callable:
     pending_slots = plan.max_depth + 1
-    draft_tree = _draft_dynamic if isinstance(plan, DynamicTree) else _draft_static
+    if isinstance(plan, DynamicTree):
+        constants = dynamic_candidate_depth(plan, program.device)
+        draft_tree = _draft_dynamic
+    else:
+        constants = StaticTreeConstants.build(plan, program.device)
+        draft_tree = _draft_static
 
     def spec_step(tokens, cache_len, k_cache, v_cache, seeds, draft_k, draft_v,
                   pending_tokens, pending_feats, pending_count):
@@ -262,7 +296,7 @@ def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree) 
         root_hidden = hidden[rows, pending_count - 1]
 
         # 2. draft the tree
-        tree_tokens, parents, depth, tree_mask = draft_tree(draft, plan, tokens[:, 0], root_hidden,
+        tree_tokens, parents, depth, tree_mask = draft_tree(draft, plan, constants, tokens[:, 0], root_hidden,
                                                             cache_len, draft_k, draft_v)
 
         # 3. verify the whole tree in one target forward
