@@ -4,6 +4,7 @@
     specc chat                                           # interactive ChatML chat
     specc dump --out specc_dump                          # pass dumps for the default model
     specc bench plain --out plain.json                   # HF eager vs specc plain decode (GPU)
+    specc train-draft --help                             # train an EAGLE head (GPU)
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ def _load(args):
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if _device(args.device) == "cuda" else torch.float32)
     loader = load_hf_llama if args.hf else load_llama
     model, tokenizer = loader(args.model, dtype=dtype, device=_device(args.device))
-    compiled = torch.compile(model, backend=specc.backend(dump=getattr(args, "out", None)))
+    draft = None
+    if getattr(args, "draft", None):
+        from specc.draft.eagle import load_draft
+
+        draft = load_draft(args.draft, model)
+    compiled = torch.compile(model, backend=specc.backend(draft=draft, tree=getattr(args, "tree", None),
+                                                          dump=getattr(args, "out", None)))
     return compiled, tokenizer
 
 
@@ -37,6 +44,8 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-seq-len", type=int, default=4096,
+                        help="KV-cache positions per sequence (prompt + new tokens, more with a draft)")
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -45,16 +54,20 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--no-compile", action="store_true", help="run the rewritten programs without Inductor")
+    parser.add_argument("--draft", default=None,
+                        help="an EAGLE draft head (.safetensors from `specc train-draft`); without one, plain decode")
+    parser.add_argument("--tree", default=None,
+                        help='draft tree: "eagle" (default static), "chain:5", "full", or "dynamic[:top_k,depth,size]"')
 
 
-def _generate(compiled, tokenizer, messages, args) -> tuple[str, object]:
+def _generate(compiled, tokenizer, messages, args, max_new_tokens: int | None = None) -> tuple[str, object]:
     import specc
 
     prompt = tokenizer.encode_chat(messages)
     result = specc.generate(
-        compiled, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        compiled, [prompt], max_new_tokens=max_new_tokens or args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=[tokenizer.eos_id],
-        compile=not args.no_compile,
+        compile=not args.no_compile, max_seq_len=args.max_seq_len,
     )
     tokens = [t for t in result.tokens[0] if t != tokenizer.eos_id]
     return tokenizer.decode(tokens), result
@@ -67,8 +80,10 @@ def _stats(result) -> str:
 
 def cmd_generate(args) -> int:
     compiled, tokenizer = _load(args)
-    if args.warmup:
-        _generate(compiled, tokenizer, [{"role": "user", "content": args.prompt}], args)
+    if not args.no_warmup:
+        # compile prefill and step on a two-token run first, so the printed speed is decoding's
+        print("compiling (first run) ...", file=sys.stderr)
+        _generate(compiled, tokenizer, [{"role": "user", "content": args.prompt}], args, max_new_tokens=2)
     text, result = _generate(compiled, tokenizer, [{"role": "user", "content": args.prompt}], args)
     print(text)
     print(_stats(result), file=sys.stderr)
@@ -121,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = sub.add_parser("generate", help="answer one prompt with the embedded default model")
     gen.add_argument("prompt")
-    gen.add_argument("--warmup", action="store_true", help="run once before the timed run (compiles first)")
+    gen.add_argument("--no-warmup", action="store_true",
+                     help="skip the short compile run before the timed one (the printed speed then includes compilation)")
     _model_args(gen)
     _sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
@@ -143,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--prompts", default=None, help="JSONL with `turns` (default: MT-Bench)")
     bench.add_argument("--out", default=None, help="write the full JSON report here")
     bench.set_defaults(func=cmd_bench)
+
+    from specc.draft.cli import add_train_draft_parser
+
+    add_train_draft_parser(sub)
 
     args = parser.parse_args(argv)
     return args.func(args)
