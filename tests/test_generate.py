@@ -89,3 +89,45 @@ def test_bad_input_raises_clear_error_and_engine_stays_usable(kwargs, message):
 def test_generate_rejects_an_uncompiled_model():
     with pytest.raises(TypeError, match="torch.compile"):
         specc.generate(reference_llama(SMALL), [[1, 2]])
+
+
+TINY_VOCAB = LlamaConfig(vocab_size=12, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+
+
+def test_sampling_same_seed_same_tokens_whatever_the_batch_position():
+    model = reference_llama(SMALL, seed=8)
+    compiled = torch.compile(model, backend=specc.backend())
+    prompt = [3, 14, 15, 92]
+    alone = specc.generate(compiled, [prompt], max_new_tokens=8, temperature=1.0, seed=42, compile=False)
+    batch = specc.generate(compiled, [[1, 2], prompt, [7] * 6], max_new_tokens=8, temperature=1.0,
+                           seed=[1, 42, 3], compile=False)
+    assert batch.tokens[1] == alone.tokens[0]
+    other = specc.generate(compiled, [prompt], max_new_tokens=8, temperature=1.0, seed=43, compile=False)
+    assert other.tokens[0] != alone.tokens[0]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8)])
+def test_plain_sampling_draws_from_the_shaped_softmax(temperature, top_k, top_p):
+    """First sampled tokens over many seeds follow softmax(logits / T) after top-k / top-p."""
+    import numpy as np
+
+    from specc.lowering.sampling import shape_logits
+    from tests.lowering.test_sampling import chi_square
+
+    model = reference_llama(TINY_VOCAB, seed=9, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():  # flatter logits, so every token has mass worth testing
+            p.mul_(0.5)
+    compiled = torch.compile(model, backend=specc.backend())
+    prompt = [1, 5, 7]
+    trials = 3000
+    out = specc.generate(compiled, [prompt] * trials, max_new_tokens=1, temperature=temperature, top_k=top_k,
+                         top_p=top_p, seed=list(range(trials)), compile=False, max_seq_len=16)
+    first = np.bincount([t[0] for t in out.tokens], minlength=TINY_VOCAB.vocab_size)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]))[0, -1]
+    probs = shape_logits(logits[None], temperature, top_k, top_p)[0].double().numpy()
+    assert first[probs == 0].sum() == 0, "a token outside top-k / top-p was sampled"
+    statistic, threshold, _ = chi_square(first, probs)
+    assert statistic < threshold
