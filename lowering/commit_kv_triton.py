@@ -7,8 +7,8 @@ step j may be the row another step j' < j reads (path[b, j'] = j), and different
 different steps. Rows already in place (path[b, j] = j) are neither read nor written.
 
 The source is generated from `COMMIT_KV_TEMPLATE` specialised on P (= max_depth + 1) and the
-head dim, and loaded by the machinery in kv_write_triton.py (written to the kernel cache folder,
-imported, memoised); `generated_sources()` hands the sources to the pass dumps.
+head dim, and loaded by lowering/codegen.py (written to the kernel cache folder, imported,
+memoised); `generated_sources()` hands the sources to the pass dumps.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from specc.lowering.kv_write_triton import load_kernel_module, next_power_of_2, render, sources_generated
+from specc.lowering.codegen import load_kernel_module, next_power_of_2, render, sources_generated
 
 COMMIT_KV_TEMPLATE = '''\
 """specc::commit_kv for paths of $steps entries and head dim $head_dim.

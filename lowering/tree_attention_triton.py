@@ -36,7 +36,7 @@ import functools
 
 import torch
 
-from specc.lowering.kv_write_triton import load_kernel_module, next_power_of_2, render, sources_generated
+from specc.lowering.codegen import load_kernel_module, next_power_of_2, render, sources_generated
 
 LOG2E = 1.4426950408889634
 

@@ -3,8 +3,9 @@
 One program per sequence holds its whole tree (tokens and parents, N entries) in registers and
 walks it max_depth times, fully unrolled; the outputs are built in registers and stored once,
 so every output entry is written exactly once. The source is generated from
-`VERIFY_GREEDY_TEMPLATE` specialised on N and max_depth, and loaded by the machinery in kv_write_triton.py (written to
-the kernel cache folder, imported, memoised); `generated_sources()` hands them to the dumps.
+`VERIFY_GREEDY_TEMPLATE` specialised on N and max_depth, and loaded by lowering/codegen.py
+(written to the kernel cache folder, imported, memoised); `generated_sources()` hands them to
+the dumps.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import functools
 
 import torch
 
-from specc.lowering.kv_write_triton import load_kernel_module, next_power_of_2, render, sources_generated
+from specc.lowering.codegen import load_kernel_module, next_power_of_2, render, sources_generated
 
 VERIFY_GREEDY_TEMPLATE = '''\
 """specc::verify_greedy for trees of $n_nodes nodes and max_depth $max_depth.

@@ -20,8 +20,8 @@ summed in float64 by both and rounded to float32, so the two agree bit for bit e
 float64 prefix sums, order-dependent at ~1e-16).
 The random numbers are the reference's: the same Philox4x32-10 in the same int64 arithmetic.
 
-Static parameters (the kernel is generated per combination): N, V, max_depth, BLOCK_V, rule.
-Never syncs with the host: CUDA-graph safe.
+Static parameters (the kernel is generated per combination, by lowering/codegen.py): N, V,
+max_depth, BLOCK_V, rule. Never syncs with the host: CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import functools
 
 import torch
 
-from specc.lowering.kv_write_triton import load_kernel_module, next_power_of_2, render
+from specc.lowering.codegen import load_kernel_module, next_power_of_2, render, sources_generated
 from specc.lowering.sampling import (
     PHILOX_M0,
     PHILOX_M1,
@@ -285,6 +285,11 @@ def kernel_source(*, n_nodes: int, vocab: int, max_depth: int, block_v: int, rul
         philox_w0=hex(PHILOX_W0),
         philox_w1=hex(PHILOX_W1),
     )
+
+
+def generated_sources() -> dict[str, str]:
+    """The verify_sampling kernel sources generated in this process so far (the dump pass writes them)."""
+    return sources_generated("verify_sampling")
 
 
 def default_block_v(vocab: int) -> int:

@@ -50,7 +50,8 @@ def choose_tokens(logits: torch.Tensor, sampling: Sampling, seeds: torch.Tensor,
     from specc.lowering.sampling import sample_from, shape_logits, uniform
 
     probs = shape_logits(logits.float(), sampling.temperature, sampling.top_k, sampling.top_p)
-    u = uniform(seeds, counter, torch.zeros_like(counter))
+    # float64 coins: 23-bit ones would quantise every token's probability to 2**-23 steps
+    u = uniform(seeds, counter, torch.zeros_like(counter), dtype=torch.float64)
     return sample_from(probs, u)
 
 

@@ -23,6 +23,21 @@ Step, for a static tree of N nodes and depth D (parents list, node 0 the root):
      ancestor mask, each at position cache_len + depth - 1.
   3. verify: the target program over the N nodes (positions cache_len + depth, tree mask).
   4. accept (specc::verify_greedy) and commit (specc::commit_kv) the accepted path's K/V.
+
+Sampling (temperature > 0; lossless: the emitted stream is distributed as sampling the shaped
+target one token at a time). The target's logits at every node are shaped with the request's
+temperature / top-k / top-p (sampling.shape_logits) and specc::verify_sampling accepts:
+  static trees   a node's children are successive draws without replacement from its shaped
+                 draft distribution q (sampling.gumbel_top_k; rank r = draw r + 1); the number
+                 of children is fixed by the tree shape, so the recursive rejection rule "rrs"
+                 (which reads every parent's q) is exact and accepts the most.
+  dynamic trees  EAGLE-2's reranking keeps a candidate because of its own draft probability,
+                 which biases "rrs" (see verify_sampling.py); the tree is drafted as in greedy
+                 (deterministic top-k) and verified with "q_one", exact for any tree chosen
+                 without the verifier's random numbers.
+Random numbers are keyed by (seed[b], counter = cache_len[b]): unique per request and step, and
+independent of the batch position; the draft's Gumbel noise (row id = the parent node) and the
+verifier's coins use different streams.
 """
 
 from __future__ import annotations
@@ -33,7 +48,9 @@ from dataclasses import dataclass
 import torch
 
 import specc.lowering  # noqa: F401  (registers the ops)
+from specc.lowering.sampling import gumbel_top_k, shape_logits
 from specc.lowering.tree import sibling_rank, validate_parents
+from specc.passes.decode_step import Sampling
 from specc.passes.pipeline import TargetProgram, causal_mask
 
 
@@ -193,8 +210,14 @@ class StaticTreeConstants:
         )
 
 
-def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token, root_hidden, cache_len, draft_k, draft_v):
-    """Each node's token is the rank-th best of its parent's draft logits; D - 1 draft forwards."""
+def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token, root_hidden, cache_len, draft_k, draft_v,
+                  sampling: Sampling | None = None, seeds=None):
+    """Each node's token is the rank-th best of its parent's draft logits; D - 1 draft forwards.
+
+    With `sampling` (temperature > 0) a node's children are instead its parent's shaped draft
+    distribution q's Gumbel-top-k draws (rank r: draw r + 1), keyed by (seeds, cache_len) and the
+    parent's node index; the q of every node of a drafted level is kept for the verifier.
+    Returns (tree_tokens, parents, depth, tree_mask, draft_probs [B, N, V] float32 or None)."""
     batch, device = root_token.shape[0], root_token.device
     n_nodes, depth_max = plan.size, plan.max_depth
     parents, depth, tree_mask = const.parents, const.depth, const.mask
@@ -204,8 +227,18 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
     node_hidden[:, 0] = root_hidden
     level_logits = draft.logits(root_hidden[:, None])  # [B, 1, V]
     non_root_mask = tree_mask[1:, 1:].expand(batch, n_nodes - 1, n_nodes - 1)
+    draft_probs = None
+    if sampling is not None:
+        draft_probs = torch.zeros(batch, n_nodes, level_logits.shape[-1], dtype=torch.float32, device=device)
     for level in range(1, depth_max + 1):
-        top = level_logits.topk(plan.children_needed(level - 1), dim=-1).indices  # [B, |previous|, k]
+        if sampling is None:
+            top = level_logits.topk(plan.children_needed(level - 1), dim=-1).indices  # [B, |previous|, k]
+        else:
+            parents_here = const.level_nodes[level - 1]
+            q = shape_logits(level_logits.float(), sampling.temperature, sampling.top_k, sampling.top_p)
+            draft_probs[:, parents_here] = q
+            # draws past q's support get a token of q = 0, which the verifier never accepts
+            top = gumbel_top_k(q.log(), plan.children_needed(level - 1), seeds, cache_len, parents_here[None])[0]
         tree_tokens[:, const.level_nodes[level]] = top[:, const.parent_slot[level], const.child_rank[level]]
         if level == depth_max:
             break
@@ -216,12 +249,15 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
         node_hidden[:, 1:] = hidden
         level_logits = draft.logits(hidden[:, const.level_rows[level]])
     return (tree_tokens, parents.expand(batch, n_nodes), depth.expand(batch, n_nodes),
-            tree_mask.expand(batch, n_nodes, n_nodes))
+            tree_mask.expand(batch, n_nodes, n_nodes), draft_probs)
 
 
-def _draft_dynamic(draft, spec: DynamicTree, cand_depth_t: torch.Tensor, root_token, root_hidden, cache_len, draft_k, draft_v):
+def _draft_dynamic(draft, spec: DynamicTree, cand_depth_t: torch.Tensor, root_token, root_hidden, cache_len, draft_k, draft_v,
+                   sampling: Sampling | None = None, seeds=None):
     """EAGLE-2: per level, the top_k frontier nodes (by cumulative log q) are run through the
-    draft and each proposes its top_k children; select_tree keeps the best size - 1."""
+    draft and each proposes its top_k children; select_tree keeps the best size - 1.
+    Deterministic whatever `sampling` is (its trees are verified with the "q_one" rule, which
+    reads no draft probabilities): returns (tree_tokens, parents, depth, tree_mask, None)."""
     from specc.lowering.tree import ancestor_mask, tree_depth
 
     batch, device = root_token.shape[0], root_token.device
@@ -264,7 +300,7 @@ def _draft_dynamic(draft, spec: DynamicTree, cand_depth_t: torch.Tensor, root_to
     tree_tokens, parents, _ = torch.ops.specc.select_tree(
         root_token, torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1), torch.cat(cand_parents, 1),
         cand_depth_t, spec.size)
-    return tree_tokens, parents, tree_depth(parents), ancestor_mask(parents)
+    return tree_tokens, parents, tree_depth(parents), ancestor_mask(parents), None
 
 
 def dynamic_candidate_depth(spec: DynamicTree, device) -> torch.Tensor:
@@ -273,8 +309,19 @@ def dynamic_candidate_depth(spec: DynamicTree, device) -> torch.Tensor:
     return torch.tensor(depths, dtype=torch.int64, device=device)
 
 
-def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree) -> Callable:
+def sampling_rule(plan: TreePlan | DynamicTree) -> str:
+    """specc::verify_sampling's rule for a tree kind: "rrs" where children are Gumbel-top-k draws
+    from q (static trees), "q_one" where they are chosen deterministically (EAGLE-2 reranking,
+    for which "rrs" is biased)."""
+    return "q_one" if isinstance(plan, DynamicTree) else "rrs"
+
+
+def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree, sampling: Sampling | None = None) -> Callable:
+    """The speculative step; greedy (argmax drafting, specc::verify_greedy) unless `sampling`
+    has temperature > 0, then lossless sampling (module docstring)."""
     pending_slots = plan.max_depth + 1
+    sampling = None if sampling is None or sampling.greedy else sampling
+    rule = sampling_rule(plan)
     if isinstance(plan, DynamicTree):
         constants = dynamic_candidate_depth(plan, program.device)
         draft_tree = _draft_dynamic
@@ -296,14 +343,21 @@ def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree) 
         root_hidden = hidden[rows, pending_count - 1]
 
         # 2. draft the tree
-        tree_tokens, parents, depth, tree_mask = draft_tree(draft, plan, constants, tokens[:, 0], root_hidden,
-                                                            cache_len, draft_k, draft_v)
+        tree_tokens, parents, depth, tree_mask, draft_probs = draft_tree(
+            draft, plan, constants, tokens[:, 0], root_hidden, cache_len, draft_k, draft_v, sampling, seeds)
 
         # 3. verify the whole tree in one target forward
         logits, final_hidden, *layers = program(tree_tokens, cache_len[:, None] + depth, cache_len,
                                                 tree_mask, k_cache, v_cache)
-        accept_len, path, out_tokens = torch.ops.specc.verify_greedy(
-            tree_tokens, parents, logits.argmax(-1), plan.max_depth)
+        if sampling is None:
+            accept_len, path, out_tokens = torch.ops.specc.verify_greedy(
+                tree_tokens, parents, logits.argmax(-1), plan.max_depth)
+        else:
+            target_probs = shape_logits(logits.float(), sampling.temperature, sampling.top_k, sampling.top_p)
+            # "q_one" reads no draft probabilities: any [B, N, V] tensor fills the slot
+            accept_len, path, out_tokens = torch.ops.specc.verify_sampling(
+                tree_tokens, parents, target_probs, target_probs if draft_probs is None else draft_probs,
+                seeds, cache_len, plan.max_depth, rule)
 
         # 4. commit: the accepted path's K/V moves to cache_len + j, the root included
         torch.ops.specc.commit_kv(k_cache, v_cache, cache_len, path, accept_len)

@@ -20,6 +20,7 @@ import torch
 from specc.backend import SpeccBackend, capture
 from specc.passes.decode_step import Sampling, choose_tokens, make_plain_step, make_prefill
 from specc.passes.pipeline import TargetProgram
+from specc.passes.step_dump import dumping_backend, write_kernel_sources, write_tree_dump
 from specc.passes.speculative_step import DynamicTree, TreePlan, make_spec_prefill, make_spec_step
 from specc.runtime.buffers import DecodeBuffers
 from specc.runtime.loop import DecodeLoop, GenerationOutput
@@ -122,11 +123,8 @@ class Engine:
         if key.tree is None:
             prefill, step = make_prefill(program), make_plain_step(program, key.sampling)
         else:
-            if not key.sampling.greedy:
-                raise NotImplementedError(
-                    "speculative sampling is not wired in yet; use temperature=0 or a backend without a draft"
-                )
-            prefill, step = make_spec_prefill(program, draft), make_spec_step(program, draft, key.tree)
+            prefill = make_spec_prefill(program, draft)
+            step = make_spec_step(program, draft, key.tree, key.sampling)
             draft_k, draft_v = draft.new_cache(key.batch, key.max_seq_len, program.dtype, program.device)
             slots = key.tree.max_depth + 1
             extra = (
@@ -136,15 +134,22 @@ class Engine:
                 torch.zeros(key.batch, slots, program.hidden_size, dtype=program.dtype, device=program.device),
                 torch.ones(key.batch, dtype=torch.int64, device=program.device),
             )
+        dump = program.dump_dir
+        step_name = "04_plain_step" if key.tree is None else "04_speculative_step"
+        if dump is not None and key.tree is not None:
+            write_tree_dump(dump, step_name, key.tree)
         if key.compile:
-            prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
-            step = torch.compile(step, fullgraph=True, dynamic=False)
+            prefill_backend = dumping_backend(dump, "05_prefill") if dump else "inductor"
+            step_backend = dumping_backend(dump, step_name) if dump else "inductor"
+            prefill = torch.compile(prefill, fullgraph=True, dynamic=True, backend=prefill_backend)
+            step = torch.compile(step, fullgraph=True, dynamic=False, backend=step_backend)
         self.buffers = DecodeBuffers(k_cache, v_cache, program.vocab_size, extra)
         with torch.no_grad():
             self.loop = DecodeLoop(prefill, step, self.buffers, use_cuda_graph=key.cuda_graph)
 
     def choose_first(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        # the first new token sits at position prompt_len, the counter plain_step would use
+        # counter = cache_len, still 0 here: the first token draws before any step, whose counters
+        # (cache_len + 1 >= prompt_len + 1) never repeat it
         first = choose_tokens(logits, self.key.sampling, self.buffers.seeds, self.buffers.cache_len)
         if self.key.tree is not None:
             self.buffers.extra[2][:, 0] = first  # the root is the draft's first pending token
@@ -222,4 +227,7 @@ def generate(
     if key not in engines:
         engines[key] = Engine(program, key, backend.draft)
     engine = engines[key]
-    return engine.loop.run(prompts, max_new_tokens, stop_ids, seeds, engine.choose_first)
+    output = engine.loop.run(prompts, max_new_tokens, stop_ids, seeds, engine.choose_first)
+    if program.dump_dir is not None:
+        write_kernel_sources(program.dump_dir)
+    return output

@@ -1,11 +1,6 @@
 """specc::commit_kv: the reference against a plain Python loop, and the Triton kernel against the
 reference (interpreter on CPU, compiled on a GPU)."""
 
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,32 +8,8 @@ from hypothesis import strategies as st
 
 import specc.lowering  # noqa: F401  (registers the ops)
 from specc.lowering.commit_kv import commit_kv_reference
+from tests.lowering.interpreter import interpreted
 from tests.strategies import tree_parents
-
-
-def run_here_or_in_interpreter(request) -> bool:
-    """True if this process interprets Triton, so the test body may run here; otherwise re-run
-    this test in a fresh process with TRITON_INTERPRET=1, assert it passed, and return False.
-
-    Triton picks interpreting or compiling when a function is decorated, and its own library
-    functions (tl.min, ...) are decorated when triton is imported, so the variable must be set
-    before the first `import triton` of the process; here something may have imported it first.
-    """
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        import triton.language.standard
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if isinstance(triton.language.standard.min, InterpretedFunction):
-            return True
-    root = str(request.config.rootpath)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", request.node.nodeid],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0 and re.search(r"\b1 passed", output) and "skipped" not in output, output[-6000:]
-    return False
 
 
 def commit_loop(k_cache, v_cache, cache_len, path, accept_len):
@@ -134,9 +105,8 @@ def _kernel_property_in_interpreter(case, dtype, index_dtype):
     check_kernel_against_reference(case, "cpu", dtype, index_dtype)
 
 
-def test_kernel_equals_reference_in_interpreter(request):
-    if not run_here_or_in_interpreter(request):
-        return
+@interpreted
+def test_kernel_equals_reference_in_interpreter():
     _kernel_property_in_interpreter()
     # SmolLM2's cache layout (3 KV heads of 64), a depth-5 path with every row moving.
     case = ((2, 2, 3, 40, 64), [4, 9], [[0, 2, 7, 12, 19, 24], [0, 1, 3, 0, 0, 0]], [5, 2])

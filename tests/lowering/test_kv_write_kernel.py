@@ -1,6 +1,6 @@
 """The generated kv_write kernel (lowering/kv_write_triton.py) equals the reference, run through
 Triton's interpreter on the CPU (in a fresh interpreting process when this one compiles; see
-tests/lowering/test_tree_attention_kernel.py)."""
+tests/lowering/interpreter.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ pytest.importorskip("triton", reason="triton is not installed: the kernels canno
 
 from specc.lowering.kv_write import kv_write_reference  # noqa: E402
 from specc.lowering.kv_write_triton import generated_sources, kernel_source, kv_write_triton  # noqa: E402
-from tests.lowering.test_tree_attention_kernel import interpreted  # noqa: E402
+from tests.lowering.interpreter import interpreted  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 

@@ -1,130 +1,26 @@
 """The generated tree-attention kernel (lowering/tree_attention_triton.py) equals the reference
-and torch's SDPA with the equivalent dense mask, run through Triton's interpreter on the CPU.
-
-Triton chooses between interpreting and compiling when a function is decorated, and decorates
-its own library functions (tl.max, tl.sum, ...) when it is first imported, which torch._dynamo
-does long before this module runs. So `TRITON_INTERPRET=1` only works if set before the
-process's first `import triton`: `interpreted` runs the tests here when this process interprets,
-and otherwise runs this whole module once in a fresh interpreting process and reports each
-test's outcome from there.
+and torch's SDPA with the equivalent dense mask, run through Triton's interpreter on the CPU
+(tests/lowering/interpreter.py says how).
 """
 
 from __future__ import annotations
-
-import functools
-import os
-import subprocess
-import sys
-import tempfile
-import xml.etree.ElementTree as ElementTree
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-triton = pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be interpreted")
-import triton.language as tl  # noqa: E402
+pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be interpreted")
 
 from specc.lowering.tree import ancestor_mask  # noqa: E402
 from specc.lowering.tree_attention import tree_attention_reference  # noqa: E402
 from specc.lowering.tree_attention_triton import generated_sources, kernel_source, tree_attention_triton  # noqa: E402
+from tests.lowering.interpreter import interpreted  # noqa: E402
 from tests.strategies import tree_parents  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Triton 3.6's interpreter turns loop bounds into ints through a numpy conversion that numpy
 # deprecates (once per kernel loop); the kernels are not at fault.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
-
-# ------------------------------------------------------------------ running in the interpreter
-
-_MODULE_RESULTS: dict[str, dict[str, tuple[str, str]]] = {}
-
-
-def _this_process_interprets() -> bool:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    import triton.language.standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(triton.language.standard.max, InterpretedFunction)
-
-
-def _smoke(x_ptr, out_ptr, N: tl.constexpr):
-    # Decorated only when the interpreter is checked (decorating reads TRITON_INTERPRET).
-    tl.store(out_ptr, tl.sum(tl.load(x_ptr + tl.arange(0, N)), 0))
-
-
-@functools.cache
-def _interpreter_unusable() -> str | None:
-    """Why the interpreter cannot run a trivial kernel here (None when it can)."""
-    try:
-        x = torch.arange(16, dtype=torch.float32)
-        out = torch.zeros(1)
-        triton.jit(_smoke)[(1,)](x, out, N=16)
-        if out.item() != 120.0:
-            return f"the Triton interpreter computed sum(0..15) = {out.item()}, not 120"
-    except Exception as error:  # noqa: BLE001  (any failure means: cannot test kernels here)
-        return f"the Triton {triton.__version__} interpreter does not run here ({error!r}); it needs numpy < 2.4"
-    return None
-
-
-def _run_module_in_interpreter(module_file: str) -> dict[str, tuple[str, str]]:
-    """Run every test of `module_file` in a fresh process with TRITON_INTERPRET=1."""
-    if module_file in _MODULE_RESULTS:
-        return _MODULE_RESULTS[module_file]
-    with tempfile.TemporaryDirectory() as scratch:
-        report = os.path.join(scratch, "report.xml")
-        env = {
-            **os.environ,
-            "TRITON_INTERPRET": "1",
-            "SPECC_CACHE": scratch,  # generated kernels of the run stay in the scratch folder
-            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-        }
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", module_file, "-q", "-p", "no:cacheprovider", f"--junitxml={report}"],
-            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200,
-        )
-        results: dict[str, tuple[str, str]] = {}
-        if os.path.exists(report):
-            for case in ElementTree.parse(report).iter("testcase"):
-                failure = case.find("failure")
-                if failure is None:
-                    failure = case.find("error")
-                skipped = case.find("skipped")
-                if failure is not None:
-                    results[case.get("name")] = ("failed", (failure.get("message") or "") + "\n" + (failure.text or ""))
-                elif skipped is not None:
-                    results[case.get("name")] = ("skipped", skipped.get("message") or "")
-                else:
-                    results[case.get("name")] = ("passed", "")
-        results["<output>"] = ("", (proc.stdout + proc.stderr)[-6000:])
-    _MODULE_RESULTS[module_file] = results
-    return results
-
-
-def interpreted(test):
-    """Run `test` under Triton's interpreter (here, or via a fresh process; see the docstring)."""
-
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        if _this_process_interprets():
-            reason = _interpreter_unusable()
-            if reason:
-                pytest.skip(reason)
-            return test(*args, **kwargs)
-        results = _run_module_in_interpreter(sys.modules[test.__module__].__file__)
-        outcome, detail = results.get(test.__name__, ("missing", ""))
-        if outcome == "skipped":
-            pytest.skip(detail)
-        assert outcome == "passed", (
-            f"{test.__name__} {outcome} in the interpreting process:\n{detail}\n{results['<output>'][1]}"
-        )
-
-    return wrapper
-
 
 # ------------------------------------------------------------------------------- the cases
 

@@ -2,11 +2,6 @@
 decoding, the Triton kernel against the reference (interpreter on CPU, compiled on a GPU), and the
 op inside a torch.compile(fullgraph=True) decode-step tail."""
 
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,34 +10,10 @@ from hypothesis import strategies as st
 import specc.lowering  # noqa: F401  (registers the ops)
 from specc.lowering.tree import ancestor_mask, static_tree, tree_depth
 from specc.lowering.verify_greedy import verify_greedy_reference
+from tests.lowering.interpreter import interpreted
 from tests.strategies import tree_parents
 
 SENTINEL = 7777
-
-
-def run_here_or_in_interpreter(request) -> bool:
-    """True if this process interprets Triton, so the test body may run here; otherwise re-run
-    this test in a fresh process with TRITON_INTERPRET=1, assert it passed, and return False.
-
-    Triton picks interpreting or compiling when a function is decorated, and its own library
-    functions (tl.min, ...) are decorated when triton is imported, so the variable must be set
-    before the first `import triton` of the process; here something may have imported it first.
-    """
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        import triton.language.standard
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if isinstance(triton.language.standard.min, InterpretedFunction):
-            return True
-    root = str(request.config.rootpath)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", request.node.nodeid],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0 and re.search(r"\b1 passed", output) and "skipped" not in output, output[-6000:]
-    return False
 
 
 def greedy_walk(tokens: list[int], parents: list[int], argmax: list[int], max_depth: int):
@@ -211,9 +182,8 @@ def _kernel_property_in_interpreter(case, dtypes):
     check_kernel_against_reference(case, "cpu", dtypes)
 
 
-def test_kernel_equals_reference_in_interpreter(request):
-    if not run_here_or_in_interpreter(request):
-        return
+@interpreted
+def test_kernel_equals_reference_in_interpreter():
     _kernel_property_in_interpreter()
     # The default tree at its full size, where every walk can reach depth 5.
     parents = [static_tree("eagle")] * 2

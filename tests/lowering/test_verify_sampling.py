@@ -16,13 +16,8 @@ The same harness, given a deliberately wrong rule, must reject it (test_wrong_ru
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +28,7 @@ from hypothesis import strategies as st
 import specc.lowering  # noqa: F401  (registers the ops)
 from specc.lowering import verify_sampling as vs
 from specc.lowering.sampling import gumbel_top_k, shape_logits
+from tests.lowering.interpreter import interpreted
 from tests.lowering.test_sampling import chi_square, counts
 
 verify_sampling = torch.ops.specc.verify_sampling
@@ -383,8 +379,7 @@ def test_op_registration_and_fake():
 
 
 # --------------------------------------------------------------------------------------------
-# The generated kernel equals the reference (Triton interpreter, in a subprocess: the
-# interpreter is chosen when triton is imported, and other tests import it first).
+# The generated kernel equals the reference (Triton interpreter; tests/lowering/interpreter.py).
 # --------------------------------------------------------------------------------------------
 
 KERNEL_CASES = [
@@ -398,8 +393,9 @@ KERNEL_CASES = [
 ]
 
 
-def kernel_matches_reference() -> None:
-    """Run in the subprocess: every case, kernel outputs written into poisoned buffers."""
+@interpreted
+def test_kernel_matches_reference_in_the_interpreter():
+    """Every case, kernel outputs written into poisoned buffers."""
     from specc.lowering.verify_sampling_triton import kernel_source, verify_sampling_triton
 
     for i, (batch, n, vocab, block_v, max_depth, rule, max_children) in enumerate(KERNEL_CASES):
@@ -421,21 +417,3 @@ def kernel_matches_reference() -> None:
         assert want[0].sum() > 0, "the case accepts nothing: it would not test the descent"
         source = kernel_source(n_nodes=n, vocab=vocab, max_depth=max_depth, block_v=block_v, rule=rule)
         assert source == kernel_source(n_nodes=n, vocab=vocab, max_depth=max_depth, block_v=block_v, rule=rule)
-
-
-def test_kernel_matches_reference_in_the_interpreter(tmp_path):
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        kernel_matches_reference()
-        return
-    repository = Path(__file__).resolve().parents[2]
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.path.insert(0, {str(repository)!r})
-        from tests.lowering.test_verify_sampling import kernel_matches_reference
-        kernel_matches_reference()
-        """
-    )
-    env = dict(os.environ, TRITON_INTERPRET="1", SPECC_CACHE=str(tmp_path))
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]

@@ -96,3 +96,24 @@ def test_dump_writes_each_pass_before_after_and_summary(tmp_path):
     assert "torch.ops.specc.tree_attention" in after
     assert "torch._C._nn.scaled_dot_product_attention(" not in after
     assert "equivalence" in (folder / "summary.txt").read_text()
+
+
+def test_dump_holds_the_step_graph_and_the_tree_picture(tmp_path):
+    from specc.draft.eagle import DraftConfig, EagleDraft
+    from specc.models.llama import LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    target = reference_llama(config, 3)
+    draft = EagleDraft(DraftConfig.for_target(config)).attach_to(target).eval()
+    compiled = torch.compile(target, backend=specc.backend(draft=draft, tree="chain:3", dump=tmp_path))
+    specc.generate(compiled, [[1, 2, 3]], max_new_tokens=4)
+    folder = next(tmp_path.iterdir())
+    step = folder / "04_speculative_step"
+    assert (step / "tree.png").read_bytes()[:4] == b"\x89PNG"
+    assert "static tree, 4 nodes, depth 3" in (step / "summary.txt").read_text()
+    graph = (step / "graph.txt").read_text()
+    # the whole step is one graph: target verify, draft layers, acceptance and commit together
+    for op in ("specc.tree_attention", "specc.verify_greedy", "specc.commit_kv", "specc.kv_write"):
+        assert op in graph, op
+    assert (folder / "05_prefill" / "graph.txt").exists()
