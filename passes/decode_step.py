@@ -47,12 +47,12 @@ def choose_tokens(logits: torch.Tensor, sampling: Sampling, seeds: torch.Tensor,
     (seed, counter), so a request's output does not depend on its batch position."""
     if sampling.greedy:
         return logits.argmax(-1)
-    from specc.lowering.sampling import sample_from, shape_logits, uniform
+    from specc.lowering.sampling import uniform
 
-    probs = shape_logits(logits.float(), sampling.temperature, sampling.top_k, sampling.top_p)
+    probs = torch.ops.specc.shape_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
     # float64 coins: 23-bit ones would quantise every token's probability to 2**-23 steps
     u = uniform(seeds, counter, torch.zeros_like(counter), dtype=torch.float64)
-    return sample_from(probs, u)
+    return torch.ops.specc.sample_tokens(probs, u)
 
 
 def make_prefill(program: TargetProgram) -> Callable:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 import specc.lowering  # noqa: F401  (registers the ops)
-from specc.lowering.sampling import gumbel_top_k, shape_logits
+from specc.lowering.sampling import gumbel_top_k
 from specc.lowering.tree import sibling_rank, validate_parents
 from specc.passes.decode_step import Sampling
 from specc.passes.pipeline import TargetProgram, causal_mask
@@ -235,7 +235,7 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
             top = level_logits.topk(plan.children_needed(level - 1), dim=-1).indices  # [B, |previous|, k]
         else:
             parents_here = const.level_nodes[level - 1]
-            q = shape_logits(level_logits.float(), sampling.temperature, sampling.top_k, sampling.top_p)
+            q = torch.ops.specc.shape_probs(level_logits, sampling.temperature, sampling.top_k, sampling.top_p)
             draft_probs[:, parents_here] = q
             # draws past q's support get a token of q = 0, which the verifier never accepts
             top = gumbel_top_k(q.log(), plan.children_needed(level - 1), seeds, cache_len, parents_here[None])[0]
@@ -353,7 +353,7 @@ def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree, 
             accept_len, path, out_tokens = torch.ops.specc.verify_greedy(
                 tree_tokens, parents, logits.argmax(-1), plan.max_depth)
         else:
-            target_probs = shape_logits(logits.float(), sampling.temperature, sampling.top_k, sampling.top_p)
+            target_probs = torch.ops.specc.shape_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
             # "q_one" reads no draft probabilities: any [B, N, V] tensor fills the slot
             accept_len, path, out_tokens = torch.ops.specc.verify_sampling(
                 tree_tokens, parents, target_probs, target_probs if draft_probs is None else draft_probs,

@@ -141,3 +141,33 @@ def summary(report: dict) -> str:
             if d:
                 lines.append(f"  prompt {i}: first divergence at token {d['index']}, top-2 margin {d['top2_margin']:.4f}")
     return "\n".join(lines)
+
+
+def sampling_smoke(batch: int = 64, max_new_tokens: int = 32, device: str = "cuda", compile: bool = True) -> dict:
+    """Plain and speculative sampling compile, capture and run at a real batch (regression check
+    for the Inductor split-scan failure); returns tokens/s, the accept length and a sample text."""
+    from specc.draft.eagle import DraftConfig, EagleDraft, cast_parameters
+    from specc.models.load import load_hf_llama
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, tokenizer = load_hf_llama(dtype=dtype, device=device)
+    prompt = tokenizer.encode_chat([{"role": "user", "content": "Write a haiku about the sea."}])
+    torch.manual_seed(0)
+    draft = cast_parameters(EagleDraft(DraftConfig.for_target(_default_config())), dtype, device)
+    draft.attach_to(model).eval()
+    report = {}
+    for name, backend, rows in (("plain", specc.backend(), batch),
+                                ("spec_static", specc.backend(draft=draft, tree="eagle"), 4),
+                                ("spec_dynamic", specc.backend(draft=draft, tree="dynamic"), 4)):
+        compiled = torch.compile(model, backend=backend)
+        kwargs = dict(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=list(range(rows)),
+                      max_seq_len=1024, compile=compile)
+        specc.generate(compiled, [prompt] * rows, **kwargs)
+        out = specc.generate(compiled, [prompt] * rows, **kwargs)
+        again = specc.generate(compiled, [prompt] * rows, **kwargs)
+        report[name] = {"batch": rows, "tokens_per_second": out.tokens_per_second,
+                        "mean_accept_length": out.mean_accept_length, "same_seed_same_tokens": out.tokens == again.tokens,
+                        "distinct_outputs": len({tuple(t) for t in out.tokens}),
+                        "sample": tokenizer.decode(out.tokens[0])}
+        print(name, report[name], flush=True)
+    return report
