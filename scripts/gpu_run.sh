@@ -18,7 +18,7 @@ for job in "$@"; do
   case "$job" in
     tests)  python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     checks) python3 -c "from specc.bench.gpu_checks import run; run(draft_path='${DRAFT:-}' or None, out='$OUT/gpu_checks.json')" 2>&1 | tee "$OUT/gpu_checks.log" | tail -25 ;;
-    sampling) python3 -c "import json; from specc.bench.gpu_checks import sampling_smoke; json.dump(sampling_smoke(), open('$OUT/sampling_smoke.json', 'w'), indent=1)" 2>&1 | grep -v -i warn | tee "$OUT/sampling.log" | tail -8 ;;
+    sampling) python3 -c "import json; from specc.bench.gpu_checks import sampling_smoke; json.dump(sampling_smoke(), open('$OUT/sampling_smoke.json', 'w'), indent=1)" 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/sampling.log" | tail -8 ;;
     plain)  specc bench plain --out "$OUT/plain.json" 2>&1 | tee "$OUT/plain.log" | tail -12 ;;
     *) echo "unknown job $job" ;;
   esac

@@ -17,7 +17,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
   python3 -m specc.draft.cli --model "$GGUF" --kind eagle3 --data-dir ~/m/data --out-dir ~/m/run \
     --steps "${TRAIN_STEPS:-1500}" --time-budget "${TRAIN_SECONDS:-170}" --resume --batch-size 16 --max-len 768 \
     --lr 5e-4 --seed 0 --eval-every 250 --no-progress
-} 2>&1 | grep -v -i warn | tee "$OUT/train.log" | tail -25
+} 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/train.log" | tail -25
 cp ~/m/run/draft-best.safetensors ~/m/run/metrics.jsonl ~/m/run/summary.json "$OUT/" 2>/dev/null
 cp ~/m/run/*.png "$OUT/" 2>/dev/null
 tar -C ~/m -cf "$OUT/data.tar" data && ls -la "$OUT"
