@@ -49,7 +49,7 @@ import torch
 
 import specc.lowering  # noqa: F401  (registers the ops)
 from specc.lowering.sampling import gumbel_top_k
-from specc.lowering.tree import sibling_rank, validate_parents
+from specc.lowering.tree import ancestor_mask, sibling_rank, tree_depth, validate_parents
 from specc.passes.decode_step import Sampling
 from specc.passes.pipeline import TargetProgram, causal_mask
 
@@ -67,9 +67,7 @@ class TreePlan:
     def from_parents(cls, parents: Sequence[int]) -> TreePlan:
         parents = [int(p) for p in parents]
         validate_parents(parents)
-        depth = [0] * len(parents)
-        for node in range(1, len(parents)):
-            depth[node] = depth[parents[node]] + 1
+        depth = tree_depth(torch.tensor(parents)).tolist()
         levels = tuple(tuple(i for i in range(len(parents)) if depth[i] == d) for d in range(max(depth) + 1))
         return cls(tuple(parents), tuple(depth), levels, tuple(sibling_rank(parents)))
 
@@ -82,14 +80,7 @@ class TreePlan:
         return len(self.levels) - 1
 
     def ancestor_mask(self) -> torch.Tensor:
-        n = self.size
-        mask = torch.zeros(n, n, dtype=torch.bool)
-        for node in range(n):
-            current = node
-            while current >= 0:
-                mask[node, current] = True
-                current = self.parents[current]
-        return mask
+        return ancestor_mask(torch.tensor(self.parents))
 
     @property
     def slots(self) -> int:
@@ -165,18 +156,6 @@ def make_spec_prefill(program: TargetProgram, draft) -> Callable:
         return logits[rows, last], features[rows, last]
 
     return spec_prefill
-
-
-def _forest_mask(parents: torch.Tensor, levels: int) -> torch.Tensor:
-    """Ancestor-or-self mask [B, T, T] of a forest given as parent slots (-1: a root's child)."""
-    batch, size = parents.shape
-    eye = torch.eye(size, dtype=torch.bool, device=parents.device).expand(batch, size, size)
-    mask = eye.clone()
-    ancestor = parents
-    for _ in range(levels):
-        mask = mask | (torch.nn.functional.one_hot(ancestor.clamp_min(0), size).bool() & (ancestor >= 0)[..., None])
-        ancestor = torch.where(ancestor >= 0, parents.gather(1, ancestor.clamp_min(0)), ancestor)
-    return mask
 
 
 @dataclass
@@ -258,8 +237,6 @@ def _draft_dynamic(draft, spec: DynamicTree, cand_depth_t: torch.Tensor, root_to
     draft and each proposes its top_k children; select_tree keeps the best size - 1.
     Deterministic whatever `sampling` is (its trees are verified with the "q_one" rule, which
     reads no draft probabilities): returns (tree_tokens, parents, depth, tree_mask, None)."""
-    from specc.lowering.tree import ancestor_mask, tree_depth
-
     batch, device = root_token.shape[0], root_token.device
     k, levels, hidden_size = spec.top_k, spec.depth, root_hidden.shape[-1]
     log_q = torch.log_softmax(draft.logits(root_hidden[:, None]).float(), dim=-1)[:, 0]
@@ -283,7 +260,7 @@ def _draft_dynamic(draft, spec: DynamicTree, cand_depth_t: torch.Tensor, root_to
         used = level * k
         hidden = draft.decode(slot_tokens[:, :used], slot_feats[:, :used],
                               cache_len[:, None] + slot_depth[None, :used] - 1, cache_len,
-                              _forest_mask(slot_parents[:, :used], level), draft_k, draft_v)
+                              ancestor_mask(slot_parents[:, :used]), draft_k, draft_v)
         frontier_hidden = hidden[:, base:base + k]
         child_log_q, child_tokens = torch.log_softmax(draft.logits(frontier_hidden).float(), dim=-1).topk(k, dim=-1)
         scores = (frontier_scores[:, :, None] + child_log_q).flatten(1)  # [B, k * k]

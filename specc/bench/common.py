@@ -96,3 +96,18 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 def until_eos(tokens: list[int], eos_id: int) -> list[int]:
     """The answer proper: tokens up to and including the first EOS."""
     return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
+
+
+def first_divergence(model, prompt: list[int], ours: list[int], theirs: list[int]) -> dict | None:
+    """Where two greedy continuations first differ, and how close the model's top two were
+    there (the logits after `prompt + theirs[:index]`)."""
+    for index, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            ids = torch.tensor([prompt + theirs[:index]], device=next(model.parameters()).device)
+            with torch.no_grad():
+                out = model(ids, use_cache=False) if hasattr(model, "generate") else model(ids)
+            logits = (out.logits if hasattr(out, "logits") else out)[0, -1].float()
+            top = logits.topk(2)
+            return {"index": index, "ours": a, "reference": b, "top2_margin": float(top.values[0] - top.values[1]),
+                    "logit_gap_between_the_two": float(logits[b] - logits[a])}
+    return None

@@ -18,20 +18,7 @@ from pathlib import Path
 import torch
 
 import specc
-from specc.bench.common import environment, mt_bench_first_turns
-
-
-def _margin_at_divergence(model, prompt, ours, theirs) -> dict | None:
-    for index, (a, b) in enumerate(zip(ours, theirs)):
-        if a != b:
-            ids = torch.tensor([prompt + theirs[:index]], device=next(model.parameters()).device)
-            with torch.no_grad():
-                out = model(ids, use_cache=False) if hasattr(model, "generate") else model(ids)
-            logits = (out.logits if hasattr(out, "logits") else out)[0, -1].float()
-            top = logits.topk(2)
-            return {"index": index, "ours": a, "reference": b, "top2_margin": float(top.values[0] - top.values[1]),
-                    "logit_gap_between_the_two": float(logits[b] - logits[a])}
-    return None
+from specc.bench.common import environment, first_divergence, mt_bench_first_turns
 
 
 def _step_graph_launches(engine) -> dict:
@@ -92,7 +79,7 @@ def _check_config(dtype_name: str, dtype, tree, rows, max_new_tokens: int, draft
                 "spec_step_ms": 1e3 * spec.decode_seconds / max(spec.steps, 1),
             }
             if spec.tokens[0] != plain.tokens[0]:
-                entry["spec_vs_plain_divergence"] = _margin_at_divergence(model, prompt, spec.tokens[0], plain.tokens[0])
+                entry["spec_vs_plain_divergence"] = first_divergence(model, prompt, spec.tokens[0], plain.tokens[0])
             section["prompts"].append(entry)
     section["no_recompile_across_generations"] = True  # the stance above raises otherwise
     section["spec_step_graph"] = _step_graph_launches(next(iter(spec_c.__dict__["_specc_engines"].values())))

@@ -18,30 +18,13 @@ import torch
 from tqdm import tqdm
 
 import specc
-from specc.bench.common import copy_bandwidth, environment, hf_greedy, mt_bench_first_turns, unique_parameter_bytes, until_eos
+from specc.bench.common import (copy_bandwidth, environment, first_divergence, hf_greedy, mt_bench_first_turns,
+                                unique_parameter_bytes, until_eos)
 
 
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _first_divergence(model, prompt: list[int], ours: list[int], theirs: list[int]) -> dict | None:
-    """Where two greedy continuations first differ, and how close the model's top two were."""
-    for index, (a, b) in enumerate(zip(ours, theirs)):
-        if a != b:
-            ids = torch.tensor([prompt + theirs[:index]], device=next(model.parameters()).device)
-            with torch.no_grad():
-                logits = model(ids, use_cache=False).logits[0, -1].float()
-            top = logits.topk(2)
-            return {
-                "index": index,
-                "specc_token": a,
-                "hf_token": b,
-                "top2_margin": float(top.values[0] - top.values[1]),
-                "margin_between_the_two": float(logits[b] - logits[a]),
-            }
-    return None
 
 
 def run(
@@ -92,7 +75,7 @@ def run(
     for run_hf in hf_runs:
         # compared up to specc's first EOS: HF's min_new_tokens suppresses EOS, specc does not
         ours = until_eos(specc_runs[run_hf["index"]]["tokens"], tokenizer.eos_id)
-        found = _first_divergence(model, prompts[run_hf["index"]], ours, run_hf["tokens"][: len(ours)])
+        found = first_divergence(model, prompts[run_hf["index"]], ours, run_hf["tokens"][: len(ours)])
         if found:
             divergences.append({"prompt_index": run_hf["index"], **found})
 

@@ -14,7 +14,7 @@ import specc
 from specc.draft.eagle import DraftConfig, EagleDraft
 from specc.lowering.tree import static_tree
 from specc.models.llama import LlamaConfig
-from specc.passes.speculative_step import DynamicTree
+from specc.passes.speculative_step import DynamicTree, TreePlan
 from tests.models_factory import hf_llama, reference_llama
 from tests.oracle_draft import OracleDraft
 from tests.strategies import llama_configs, prompts, seeded_weights, tree_parents
@@ -74,16 +74,9 @@ def test_oracle_draft_accepts_a_full_path_every_step(tree):
     spec = specc.generate(torch.compile(target, backend=specc.backend(draft=oracle, tree=tree)),
                           batch_prompts, max_new_tokens=new, compile=False)
     assert spec.tokens == [t[:new] for t in plain.tokens]
-    depth = tree.depth if isinstance(tree, DynamicTree) else max(_depths(tree))
+    depth = tree.depth if isinstance(tree, DynamicTree) else TreePlan.from_parents(tree).max_depth
     # after the prefill's token, every step emits depth + 1 tokens until the budget runs out
     assert spec.steps == len(batch_prompts) * math.ceil((new - 1) / (depth + 1))
-
-
-def _depths(parents):
-    depth = [0] * len(parents)
-    for i in range(1, len(parents)):
-        depth[i] = depth[parents[i]] + 1
-    return depth
 
 
 @pytest.mark.slow
