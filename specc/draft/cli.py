@@ -44,6 +44,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=768, help="training sequences are cut to this many tokens")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--model", default=None, help="target GGUF (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--init-from", default=None, metavar="HEAD",
+                        help="start from this saved head's weights (fresh optimiser); ignored when resuming")
     parser.add_argument("--ttt-steps", type=int, default=None, help="unrolled draft steps (default: 1 eagle, 5 eagle3)")
     parser.add_argument("--noise", type=float, default=0.05, help="feature noise U(-a, a) x per-token RMS")
     parser.add_argument("--warmup-steps", type=int, default=100)
@@ -104,7 +106,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
             kind=args.kind, steps=args.steps, batch_size=args.batch_size, max_len=args.max_len, lr=args.lr,
             warmup_steps=args.warmup_steps, ttt_steps=args.ttt_steps, noise=args.noise, seed=args.seed,
             moments_dtype=args.moments_dtype, time_budget=args.time_budget, eval_every=args.eval_every,
-            ckpt_every=args.ckpt_every,
+            ckpt_every=args.ckpt_every, init_from=args.init_from,
         )
         via_module = Path(sys.argv[0]).name == "cli.py"
         command = shlex.join((["python", "-m", "specc.draft.cli"] if via_module else ["specc"]) + sys.argv[1:])

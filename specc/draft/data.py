@@ -437,6 +437,7 @@ def generate_batched(
     progress: bool = True,
     desc: str = "generate",
     deadline: float | None = None,
+    greedy_fallback: bool = False,
 ) -> list[list[int] | None]:
     """Responses for `prompts`, greedy or at T=0.7 per prompt, through specc.generate.
 
@@ -444,7 +445,9 @@ def generate_batched(
     copies of its first prompt, whose answers are dropped) and one `max_seq_len`, so specc
     builds one engine per sampling rule and reuses it. Greedy and sampled batches alternate, so
     that stopping at `deadline` (time.monotonic()) keeps both; prompts not reached get None.
-    Sampled prompt i is seeded with `seed * 1_000_003 + i`.
+    Sampled prompt i is seeded with `seed * 1_000_003 + i`. With `greedy_fallback`, a failing
+    sampled engine does not end the run: its prompts are answered greedily, and `greedy` (a
+    list) is updated in place to say which prompts were.
     """
     import specc
 
@@ -454,18 +457,35 @@ def generate_batched(
         order = [i for i in range(len(prompts)) if bool(greedy[i]) == want_greedy]
         groups.append([(want_greedy, order[i:i + batch_size]) for i in range(0, len(order), batch_size)])
     batches = [b for pair in zip_longest(*groups) for b in pair if b is not None]
+    sampling_failed = False
     for want_greedy, batch in _progress(batches, len(batches), desc, progress):
         if deadline is not None and time.monotonic() > deadline:
             break
         padded = batch + [batch[0]] * (batch_size - len(batch))
-        out = specc.generate(
-            compiled, [list(prompts[i]) for i in padded], max_new_tokens=max_new_tokens,
-            temperature=0.0 if want_greedy else SAMPLING_TEMPERATURE,
-            seed=[seed * 1_000_003 + i for i in padded], stop_ids=list(stop_ids),
-            max_seq_len=max_seq_len, compile=compile,
-        )
+
+        def run(greedy_now: bool):
+            return specc.generate(
+                compiled, [list(prompts[i]) for i in padded], max_new_tokens=max_new_tokens,
+                temperature=0.0 if greedy_now else SAMPLING_TEMPERATURE,
+                seed=[seed * 1_000_003 + i for i in padded], stop_ids=list(stop_ids),
+                max_seq_len=max_seq_len, compile=compile,
+            )
+
+        if not want_greedy and sampling_failed:
+            want_greedy = True
+        try:
+            out = run(want_greedy)
+        except Exception as error:  # noqa: BLE001 - only the sampled engine may fall back, and it says so
+            if want_greedy or not greedy_fallback:
+                raise
+            print(f"sampled generation failed ({type(error).__name__}: {str(error)[:300]}); "
+                  "answering the remaining sampled prompts greedily (their greedy flags say so)", file=sys.stderr)
+            sampling_failed, want_greedy = True, True
+            out = run(True)
         for index, tokens in zip(batch, out.tokens):
             responses[index] = list(tokens)
+            if isinstance(greedy, list):
+                greedy[index] = want_greedy
     return responses
 
 
@@ -524,7 +544,7 @@ def build_dataset(
     stop_ids = [tokenizer.eos_id]
     max_prompt_tokens = max_seq_len - max_new_tokens
     gen = dict(max_new_tokens=max_new_tokens, stop_ids=stop_ids, batch_size=batch_size, max_seq_len=max_seq_len,
-               compile=compile, progress=progress, deadline=deadline)
+               compile=compile, progress=progress, deadline=deadline, greedy_fallback=True)
     dropped = Counter()
 
     def encode(items: list[PromptItem]) -> tuple[list[PromptItem], list[list[int]]]:
@@ -570,7 +590,10 @@ def build_dataset(
     items += list(extra_prompts)
     rng.shuffle(items)
     items, prompt_ids = encode(items)
-    responses = generate_batched(compiled, prompt_ids, [i.greedy for i in items], seed=seed + 2, desc="answers", **gen)
+    modes = [i.greedy for i in items]
+    responses = generate_batched(compiled, prompt_ids, modes, seed=seed + 2, desc="answers", **gen)
+    for item, mode in zip(items, modes):
+        item.greedy = mode
     answered = [i for i, r in enumerate(responses) if r is not None]
     items, prompt_ids, responses = ([x[i] for i in answered] for x in (items, prompt_ids, responses))
     sequences = Sequences()
@@ -587,8 +610,10 @@ def build_dataset(
         follow_items.append(PromptItem("follow_up", messages, greedy=rng.random() < greedy_fraction))
     follow_items, follow_ids = encode(follow_items)
     if follow_items:
-        follow_responses = generate_batched(compiled, follow_ids, [i.greedy for i in follow_items], seed=seed + 3,
-                                            desc="follow-ups", **gen)
+        modes = [i.greedy for i in follow_items]
+        follow_responses = generate_batched(compiled, follow_ids, modes, seed=seed + 3, desc="follow-ups", **gen)
+        for item, mode in zip(follow_items, modes):
+            item.greedy = mode
         for item, ids, response in zip(follow_items, follow_ids, follow_responses):
             if response is not None:
                 sequences.add(ids + response, len(ids), item.greedy, item.source)

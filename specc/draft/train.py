@@ -146,6 +146,9 @@ class TrainConfig:
     eval_depth: int = 5
     eval_sequences: int = 128
     seed: int = 0
+    # start from a saved head's weights (e.g. the best head of an earlier run whose optimiser
+    # state did not come back from the GPU); a fresh optimiser and schedule
+    init_from: str | None = None
     moments_dtype: str = "bf16"  # fp32: bit-exact resume; bf16: checkpoint files small enough to carry
     # run control (may change between resumed runs)
     time_budget: float | None = None
@@ -663,6 +666,19 @@ def _data_recipe(data_dir: Path) -> list[dict]:
     return recipes
 
 
+def _init_weights(draft: EagleDraft, path: str | Path) -> None:
+    """Copy a saved head's weights (any dtype) into `draft`'s fp32 master weights."""
+    from specc.draft.eagle import load_draft
+
+    saved = load_draft(path)
+    if saved.config != draft.config:
+        raise ValueError(f"--init-from {path}: its config {saved.config} differs from this run's {draft.config}; "
+                         "train the same --kind for the same target")
+    with torch.no_grad():
+        for name, param in draft.named_parameters():
+            param.copy_(dict(saved.named_parameters())[name].float())
+
+
 def train(
     target: torch.nn.Module,
     data_dir: str | Path,
@@ -700,6 +716,9 @@ def train(
     torch.manual_seed(config.seed)
     draft_config = DraftConfig.for_target(target.config, config.kind)
     draft = EagleDraft(draft_config).to(device)  # fp32 master weights
+    if config.init_from and not resume:
+        _init_weights(draft, config.init_from)
+        log(f"initialised the draft from {config.init_from}")
     draft.attach_to(target)
     draft.train()
     optimizer, scheduler = make_optimizer(draft, config)

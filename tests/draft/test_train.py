@@ -333,3 +333,47 @@ def test_data_generation_stops_at_its_time_budget_and_still_saves(tmp_path):
     assert summary.stopped_early and summary.sequences == 0
     assert len(load_sequences(tmp_path)) == 0
     assert json.loads((tmp_path / "recipe-s0.json").read_text())["stopped_early"]
+
+
+def test_init_from_starts_training_at_the_saved_heads_weights(tmp_path):
+    target = _target()
+    sequences = _greedy_sequences(target, count=4, prompt=4, new=12)
+    saved = _draft(target, "eagle3", seed=7)
+    saved.save(tmp_path / "head.safetensors")
+    seen = {}
+
+    def spy(draft, path):
+        original(draft, path)
+        seen.update({k: v.clone() for k, v in draft.state_dict().items()})
+
+    original = train_module._init_weights
+    train_module._init_weights = spy
+    try:
+        config = TrainConfig(kind="eagle3", steps=1, batch_size=2, eval_every=1000, ckpt_every=1000,
+                             eval_sequences=1, init_from=str(tmp_path / "head.safetensors"))
+        train(target, tmp_path, tmp_path / "run", config, sequences=sequences, progress=False, log=lambda _: None)
+    finally:
+        train_module._init_weights = original
+    expected = saved.state_dict()
+    assert seen and all(torch.equal(seen[k], expected[k].float()) for k in expected)
+    other = TrainConfig(kind="eagle", steps=1, batch_size=2, eval_sequences=1, init_from=str(tmp_path / "head.safetensors"))
+    with pytest.raises(ValueError, match="differs from this run"):
+        train(target, tmp_path, tmp_path / "run2", other, sequences=sequences, progress=False, log=lambda _: None)
+
+
+def test_a_failing_sampled_engine_falls_back_to_greedy_and_says_so(tmp_path, monkeypatch):
+    target = reference_llama(TINY, seed=2)
+    compiled = torch.compile(target, backend=specc.backend())
+    real_generate = specc.generate
+
+    def greedy_only(*args, temperature=0.0, **kwargs):
+        if temperature > 0:
+            raise RuntimeError("sampled engine broken")
+        return real_generate(*args, temperature=temperature, **kwargs)
+
+    monkeypatch.setattr(specc, "generate", greedy_only)
+    summary = build_dataset(compiled, WordTokenizer(TINY.vocab_size), tmp_path, n_prompts=8, batch_size=4,
+                            max_new_tokens=4, max_seq_len=512, compile=False, progress=False, log=lambda _: None)
+    sequences = load_sequences(tmp_path)
+    assert summary.sequences == len(sequences) > 0
+    assert all(sequences.greedy)  # every answer was greedy, and the flags say so
