@@ -286,19 +286,34 @@ def dynamic_candidate_depth(spec: DynamicTree, device) -> torch.Tensor:
     return torch.tensor(depths, dtype=torch.int64, device=device)
 
 
-def sampling_rule(plan: TreePlan | DynamicTree) -> str:
+VERIFY_RULES = ("rrs", "q_one")
+
+
+def sampling_rule(plan: TreePlan | DynamicTree, requested: str | None = None) -> str:
     """specc::verify_sampling's rule for a tree kind: "rrs" where children are Gumbel-top-k draws
     from q (static trees), "q_one" where they are chosen deterministically (EAGLE-2 reranking,
-    for which "rrs" is biased)."""
-    return "q_one" if isinstance(plan, DynamicTree) else "rrs"
+    for which "rrs" is biased). `requested` "q_one" is exact on any tree (it reads no draft
+    probabilities), so a static tree may ask for it, to compare the two rules on one tree."""
+    default = "q_one" if isinstance(plan, DynamicTree) else "rrs"
+    if requested is None or requested == default:
+        return default
+    if requested == "rrs":
+        raise ValueError("verify_rule='rrs' needs a static tree (children drawn from q without replacement); "
+                         "a dynamic tree keeps candidates by their draft probability, which biases it: use "
+                         "verify_rule=None or 'q_one'")
+    if requested not in VERIFY_RULES:
+        raise ValueError(f"verify_rule={requested!r}; pick one of {VERIFY_RULES} or None")
+    return requested
 
 
-def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree, sampling: Sampling | None = None) -> Callable:
+def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree, sampling: Sampling | None = None,
+                   verify_rule: str | None = None) -> Callable:
     """The speculative step; greedy (argmax drafting, specc::verify_greedy) unless `sampling`
-    has temperature > 0, then lossless sampling (module docstring)."""
+    has temperature > 0, then lossless sampling (module docstring) with `verify_rule` (None:
+    the tree's default, see sampling_rule)."""
     pending_slots = plan.max_depth + 1
     sampling = None if sampling is None or sampling.greedy else sampling
-    rule = sampling_rule(plan)
+    rule = sampling_rule(plan, verify_rule)
     if isinstance(plan, DynamicTree):
         constants = dynamic_candidate_depth(plan, program.device)
         draft_tree = _draft_dynamic

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,18 @@ class GenerationOutput:
     new_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    # tokens each (sequence, step) emitted, bonus included, sequence by sequence: the host's copy
+    # of the step's n_out, cut at a stop token or the budget, so sum == new tokens - first tokens
+    accept_lengths: list[int] = field(default_factory=list)
+    sequence_steps: list[int] = field(default_factory=list)  # steps per sequence: splits accept_lengths
+
+    def accept_lengths_by_sequence(self) -> list[list[int]]:
+        """accept_lengths split per sequence (a benchmark drops padded rows with it)."""
+        split, start = [], 0
+        for count in self.sequence_steps:
+            split.append(self.accept_lengths[start : start + count])
+            start += count
+        return split
 
     @property
     def tokens_per_second(self) -> float:
@@ -103,4 +115,6 @@ class DecodeLoop:
             new_tokens=sum(len(t) for t in tokens),
             prefill_seconds=prefill_seconds,
             decode_seconds=decode_seconds,
+            accept_lengths=[length for lengths in stops.accept_lengths for length in lengths],
+            sequence_steps=stops.steps_taken,
         )

@@ -11,11 +11,18 @@ class StopChecker:
         self.stop_ids = frozenset(stop_ids)
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.done = [False] * batch
-        self.steps_taken = [0] * batch  # decode steps each sequence used while still running
+        # per sequence, the tokens each decode step gave it while still running (the step's n_out,
+        # bonus included; the last step's cut short by a stop token or the budget)
+        self.accept_lengths: list[list[int]] = [[] for _ in range(batch)]
 
     @property
     def all_done(self) -> bool:
         return all(self.done)
+
+    @property
+    def steps_taken(self) -> list[int]:
+        """Decode steps each sequence used while still running."""
+        return [len(lengths) for lengths in self.accept_lengths]
 
     @property
     def steps_used(self) -> int:
@@ -25,10 +32,11 @@ class StopChecker:
         for row, new in enumerate(new_tokens):
             if self.done[row]:
                 continue
-            if count_step:
-                self.steps_taken[row] += 1
+            before = len(self.tokens[row])
             for token in new:
                 self.tokens[row].append(token)
                 if token in self.stop_ids or len(self.tokens[row]) >= self.max_new_tokens:
                     self.done[row] = True
                     break
+            if count_step:
+                self.accept_lengths[row].append(len(self.tokens[row]) - before)

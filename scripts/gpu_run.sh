@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU call: install specc, run the GPU tests, the real-model checks and benchmarks.
 # Usage (second of the two model calls in ../shared/GPU.md, carry .gpu2):
-#   bash scripts/gpu_run.sh [tests] [checks] [plain] [spec] ...
+#   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] ...
 # Everything lands under $OUT; the last lines printed are a short table.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -18,8 +18,15 @@ for job in "$@"; do
   case "$job" in
     tests)  python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     checks) python3 -c "from specc.bench.gpu_checks import run; run(draft_path='${DRAFT:-}' or None, out='$OUT/gpu_checks.json')" 2>&1 | tee "$OUT/gpu_checks.log" | tail -25 ;;
-    sampling) python3 -c "import json; from specc.bench.gpu_checks import sampling_smoke; json.dump(sampling_smoke(), open('$OUT/sampling_smoke.json', 'w'), indent=1)" 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/sampling.log" | tail -8 ;;
+    sampling_smoke) python3 -c "import json; from specc.bench.gpu_checks import sampling_smoke; json.dump(sampling_smoke(), open('$OUT/sampling_smoke.json', 'w'), indent=1)" 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/sampling.log" | tail -8 ;;
     plain)  specc bench plain --out "$OUT/plain.json" 2>&1 | tee "$OUT/plain.log" | tail -12 ;;
+    spec)   specc bench spec --out "$OUT/spec.json" --plots "$OUT" --trees "${TREES:-dynamic:8,8,64;eagle;chain:6}" \
+              --untrained --untrained-prompts "${UNTRAINED_PROMPTS:-16}" --hf-prompts "${HF_PROMPTS:-4}" \
+              --max-new-tokens 256 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/spec.log" | tail -30 ;;
+    sampling) specc bench sampling --out "$OUT/sampling.json" ${SAMPLING_ARGS:-} 2>&1 | grep --line-buffered -v -i warn \
+              | tee "$OUT/sampling.log" | tail -12 ;;
+    systems) specc bench systems --out "$OUT/systems.json" --plots "$OUT" ${SYSTEMS_ARGS:-} 2>&1 \
+              | grep --line-buffered -v -i warn | tee "$OUT/systems.log" | tail -40 ;;
     *) echo "unknown job $job" ;;
   esac
 done

@@ -40,6 +40,7 @@ class SpeccBackend:
     draft: object = None
     tree: object = None
     dump: str | os.PathLike | None = None
+    verify_rule: str | None = None
     program: TargetProgram | None = field(default=None, repr=False)
     error: Exception | None = field(default=None, repr=False)
 
@@ -64,14 +65,22 @@ class SpeccBackend:
         return compile_fx(gm, example_inputs)
 
 
-def backend(draft=None, tree=None, dump: str | os.PathLike | None = None) -> SpeccBackend:
+def backend(draft=None, tree=None, dump: str | os.PathLike | None = None,
+            verify_rule: str | None = None) -> SpeccBackend:
     """A specc backend for torch.compile.
 
     draft: an EAGLE draft head (specc.draft) or None for plain compiled decoding.
     tree:  the draft tree: a parents list (static tree) or a dynamic-tree spec.
     dump:  folder for the pass dumps (also SPECC_DUMP=dir).
+    verify_rule: how sampled trees are verified: None picks the best exact rule for the tree
+           ("rrs", the draft's true probabilities, on static trees; "q_one" on dynamic ones);
+           "q_one" forces the rule that treats each draft probability as 1 (for comparison).
     """
-    return SpeccBackend(draft=draft, tree=tree, dump=dump)
+    from specc.passes.speculative_step import VERIFY_RULES
+
+    if verify_rule is not None and verify_rule not in VERIFY_RULES:
+        raise ValueError(f"verify_rule={verify_rule!r}; pick one of {VERIFY_RULES} or None (the tree's default)")
+    return SpeccBackend(draft=draft, tree=tree, dump=dump, verify_rule=verify_rule)
 
 
 def registered_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None, mode: str | None = None):
@@ -81,9 +90,9 @@ def registered_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
     backend created for that graph; use `specc.backend(...)` to keep one instance.
     """
     options = dict(options or {})
-    unknown = set(options) - {"draft", "tree", "dump"}
+    unknown = set(options) - {"draft", "tree", "dump", "verify_rule"}
     if unknown:
-        raise TypeError(f"unknown specc options {sorted(unknown)}; known: draft, tree, dump")
+        raise TypeError(f"unknown specc options {sorted(unknown)}; known: draft, tree, dump, verify_rule")
     return backend(**options)(gm, example_inputs)
 
 

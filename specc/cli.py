@@ -4,7 +4,13 @@
     specc chat                                           # interactive ChatML chat
     specc dump --out specc_dump                          # pass dumps for the default model
     specc bench plain --out plain.json                   # HF eager vs specc plain decode (GPU)
+    specc bench spec --out spec.json --plots plots       # speculative vs plain vs HF, each tree (GPU)
+    specc bench systems --out systems.json               # Llama-3-8B shapes: step vs floor, verify cost (GPU)
+    specc bench sampling --out sampling.json             # sampled accept length: true q vs q = 1 (GPU)
     specc train-draft --help                             # train an EAGLE head (GPU)
+
+generate and chat draft with the EAGLE head that specc trained for the embedded model
+(specc/assets/draft/); --no-draft decodes plainly.
 """
 
 from __future__ import annotations
@@ -29,13 +35,27 @@ def _load(args):
     loader = load_hf_llama if args.hf else load_llama
     model, tokenizer = loader(args.model, dtype=dtype, device=_device(args.device))
     draft = None
-    if getattr(args, "draft", None):
+    draft_path = _draft_path(args)
+    if draft_path is not None:
         from specc.draft.eagle import load_draft
 
-        draft = load_draft(args.draft, model)
+        draft = load_draft(draft_path, model)
     compiled = torch.compile(model, backend=specc.backend(draft=draft, tree=getattr(args, "tree", None),
-                                                          dump=getattr(args, "out", None)))
+                                                          dump=getattr(args, "out", None),
+                                                          verify_rule=getattr(args, "verify_rule", None)))
     return compiled, tokenizer
+
+
+def _draft_path(args):
+    """--draft if given; else the shipped head when the model is the embedded default (the head
+    was trained for it alone); none with --no-draft."""
+    from specc.draft import default_draft_path
+
+    if getattr(args, "no_draft", False):
+        return None
+    if getattr(args, "draft", None):
+        return args.draft
+    return default_draft_path() if args.model is None else None
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -55,9 +75,14 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--no-compile", action="store_true", help="run the rewritten programs without Inductor")
     parser.add_argument("--draft", default=None,
-                        help="an EAGLE draft head (.safetensors from `specc train-draft`); without one, plain decode")
+                        help="an EAGLE draft head (.safetensors from `specc train-draft`); default: the shipped "
+                             "head for the embedded model, none for a --model of your own")
+    parser.add_argument("--no-draft", action="store_true", help="plain decode, no speculation")
     parser.add_argument("--tree", default=None,
                         help='draft tree: "eagle" (default static), "chain:5", "full", or "dynamic[:top_k,depth,size]"')
+    parser.add_argument("--verify-rule", choices=["rrs", "q_one"], default=None,
+                        help="sampled verification: default the tree's exact rule (rrs on static trees, "
+                             "q_one on dynamic); q_one treats draft probabilities as 1")
 
 
 def _generate(compiled, tokenizer, messages, args, max_new_tokens: int | None = None) -> tuple[str, object]:
@@ -120,13 +145,12 @@ def cmd_dump(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    if args.which == "plain":
-        from specc.bench.plain_decode import run, summary_table
+def cmd_bench_plain(args) -> int:
+    from specc.bench.plain_decode import run, summary_table
 
-        report = run(max_new_tokens=args.max_new_tokens, hf_prompts_per_category=args.hf_per_category,
-                     prompt_file=args.prompts, out=args.out)
-        print(summary_table(report))
+    report = run(max_new_tokens=args.max_new_tokens, hf_prompts_per_category=args.hf_per_category,
+                 prompt_file=args.prompts, out=args.out)
+    print(summary_table(report))
     return 0
 
 
@@ -153,12 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     dump.set_defaults(func=cmd_dump)
 
     bench = sub.add_parser("bench", help="benchmarks (GPU)")
-    bench.add_argument("which", choices=["plain"])
-    bench.add_argument("--max-new-tokens", type=int, default=128)
-    bench.add_argument("--hf-per-category", type=int, default=2, help="MT-Bench prompts per category for HF eager")
-    bench.add_argument("--prompts", default=None, help="JSONL with `turns` (default: MT-Bench)")
-    bench.add_argument("--out", default=None, help="write the full JSON report here")
-    bench.set_defaults(func=cmd_bench)
+    benches = bench.add_subparsers(dest="which", required=True)
+    plain = benches.add_parser("plain", help="HF eager vs specc plain decode")
+    plain.add_argument("--max-new-tokens", type=int, default=128)
+    plain.add_argument("--hf-per-category", type=int, default=2, help="MT-Bench prompts per category for HF eager")
+    plain.add_argument("--prompts", default=None, help="JSONL with `turns` (default: MT-Bench)")
+    plain.add_argument("--out", default=None, help="write the full JSON report here")
+    plain.set_defaults(func=cmd_bench_plain)
+    from specc.bench import end_to_end, sampling_rules, systems
+
+    end_to_end.add_parser(benches)
+    systems.add_parser(benches)
+    sampling_rules.add_parser(benches)
 
     from specc.draft.cli import add_train_draft_parser
 

@@ -38,6 +38,7 @@ class EngineKey:
     compile: bool
     cuda_graph: bool
     tree: TreePlan | DynamicTree | None = None  # None: plain decode
+    verify_rule: str | None = None  # sampled trees: None = the tree's exact default
 
 
 def _unwrap(compiled: torch.nn.Module) -> torch.nn.Module:
@@ -54,6 +55,13 @@ def _is_hf(model: torch.nn.Module) -> bool:
     return type(model).__module__.startswith("transformers.")
 
 
+def _allow_one_compile_per_engine() -> None:
+    """Every engine compiles the same step code object (a new closure per engine), and every
+    specc backend traces the same model forward; Dynamo counts each as a recompile of that code
+    (8 by default, after which fullgraph raises and a plain forward skips the backend)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
 def target_program(compiled: torch.nn.Module) -> tuple[TargetProgram, SpeccBackend]:
     """The rewritten target program of a compiled model (traced once, then cached on it)."""
     cached = compiled.__dict__.get("_specc_capture")
@@ -65,6 +73,7 @@ def target_program(compiled: torch.nn.Module) -> tuple[TargetProgram, SpeccBacke
     generator = torch.Generator().manual_seed(1234)
     # Batch 2 and length 7 differ, so Dynamo keeps two size symbols instead of one.
     probe = torch.randint(0, vocab, (2, 7), generator=generator).to(device)
+    _allow_one_compile_per_engine()
     slot = capture(compiled, probe, {"use_cache": False} if _is_hf(model) else {})
     if slot.program is None:
         reason = slot.error or "the backend was not called; compile the model with backend=specc.backend()"
@@ -124,7 +133,7 @@ class Engine:
             prefill, step = make_prefill(program), make_plain_step(program, key.sampling)
         else:
             prefill = make_spec_prefill(program, draft)
-            step = make_spec_step(program, draft, key.tree, key.sampling)
+            step = make_spec_step(program, draft, key.tree, key.sampling, key.verify_rule)
             draft_k, draft_v = draft.new_cache(key.batch, key.max_seq_len, program.dtype, program.device)
             slots = key.tree.max_depth + 1
             extra = (
@@ -139,6 +148,7 @@ class Engine:
         if dump is not None and key.tree is not None:
             write_tree_dump(dump, step_name, key.tree)
         if key.compile:
+            _allow_one_compile_per_engine()
             prefill_backend = dumping_backend(dump, "05_prefill") if dump else "inductor"
             step_backend = dumping_backend(dump, step_name) if dump else "inductor"
             prefill = torch.compile(prefill, fullgraph=True, dynamic=True, backend=prefill_backend)
@@ -220,6 +230,7 @@ def generate(
         compile=compile,
         cuda_graph=(on_gpu and compile) if cuda_graph is None else cuda_graph,
         tree=plan,
+        verify_rule=backend.verify_rule if plan is not None else None,
     )
     if key.cuda_graph and not on_gpu:
         raise ValueError("cuda_graph=True needs the model on a CUDA device")

@@ -2,8 +2,8 @@
 
 The distribution of the first generated tokens of speculative sampling (random EAGLE draft, so
 that drafts are often rejected) must equal that of plain sampling of the same target, for a
-static tree (Gumbel-top-k children, rule "rrs") and a dynamic EAGLE-2 tree (reranked top-k
-children, rule "q_one"), at temperature 1 and with top-k / top-p. Checked by two-sample
+static tree (Gumbel-top-k children, rule "rrs"; and the same tree with rule "q_one") and a
+dynamic EAGLE-2 tree (reranked top-k children, rule "q_one"), at temperature 1 and with top-k / top-p. Checked by two-sample
 chi-square tests at ALPHA over a vocabulary of 16 (few cells), with one generate call of a large
 batch per configuration (request i has seed i), so every run draws the same samples and the
 verdicts are reproducible. The teeth tests break the rule on purpose and must be caught.
@@ -36,7 +36,9 @@ SAMPLES = 2048  # requests per distribution (one generate call)
 NEW_TOKENS = 3
 STATIC_TREE = [-1, 0, 0, 0, 1, 1, 2]  # depth 2: the root's children are 3 draws, then 2 and 1
 DYNAMIC_TREE = DynamicTree(top_k=3, depth=2, size=7)
-TREES = {"static": STATIC_TREE, "dynamic": DYNAMIC_TREE}
+# name -> (tree, verify_rule): each tree with its default rule, and the static tree verified with
+# "q_one" (draft probabilities taken as 1: exact too, only less accepting)
+TREES = {"static": (STATIC_TREE, None), "dynamic": (DYNAMIC_TREE, None), "static_q_one": (STATIC_TREE, "q_one")}
 SETTINGS = {"t1": dict(temperature=1.0), "t07_topk8_topp09": dict(temperature=0.7, top_k=8, top_p=0.9)}
 
 
@@ -54,7 +56,8 @@ def _draft():
 def _compiled(tree: str | None):
     """One compiled module per backend, traced once and reused (with its engines) by every test:
     a fresh torch.compile per call would soon hit Dynamo's recompile limit."""
-    backend = specc.backend() if tree is None else specc.backend(draft=_draft(), tree=TREES[tree])
+    backend = specc.backend() if tree is None else specc.backend(draft=_draft(), tree=TREES[tree][0],
+                                                                 verify_rule=TREES[tree][1])
     return torch.compile(_target(), backend=backend)
 
 
@@ -153,3 +156,21 @@ def test_same_seed_same_tokens_across_runs_and_batch_positions(tree):
         assert alone == [batched[row]]
     # another seed gives another stream (16 tokens colliding by chance is negligible)
     assert _generate(tree, [PROMPT], [99], 12, **sampling).tokens != [batched[1]]
+
+
+def test_verify_rule_is_checked_where_it_is_given():
+    with pytest.raises(ValueError, match="verify_rule='exact'"):
+        specc.backend(draft=_draft(), tree=STATIC_TREE, verify_rule="exact")
+    with pytest.raises(ValueError, match="needs a static tree"):
+        speculative_step.sampling_rule(DYNAMIC_TREE, "rrs")
+    assert speculative_step.sampling_rule(DYNAMIC_TREE) == "q_one"
+    assert speculative_step.sampling_rule(speculative_step.TreePlan.from_parents(STATIC_TREE), "q_one") == "q_one"
+
+
+def test_true_draft_probabilities_accept_more_than_q_one_on_the_same_tree():
+    # one child x ~ q accepts with sum_x min(p, q) under "rrs" and sum_x q p under "q_one"; the
+    # first is never smaller, so with the same tree and seeds "rrs" needs fewer steps
+    seeds = list(range(SAMPLES))
+    steps = {name: _generate(name, [PROMPT] * SAMPLES, seeds, NEW_TOKENS, **SETTINGS["t1"]).steps
+             for name in ("static", "static_q_one")}
+    assert steps["static"] < steps["static_q_one"], steps
