@@ -10,6 +10,7 @@ per pass, the readable graph before and after and a summary of what it matched a
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,6 +100,18 @@ def _run_original(gm: fx.GraphModule, example_inputs: list, skeleton: LlamaSkele
     return (out[0] if isinstance(out, (tuple, list)) else out), input_ids
 
 
+def equivalence_bound(dtype: torch.dtype, n_layers: int) -> float:
+    """Relative L2 error allowed between the rewritten program's logits and the model's.
+
+    The two compute the same function with different kernels (specc::tree_attention for SDPA), so
+    they differ by rounding, which grows with depth: in bf16, about 6e-3 * sqrt(layers) on random
+    Llamas (1 layer 6e-3, 4 layers 1.3e-2, 32 layers 4e-2). The bound sits at three times that,
+    never under 3e-2; a wrong rewrite (positions, mask, cache) errs by order 1."""
+    if dtype == torch.float32 or dtype == torch.float64:
+        return 1e-4
+    return max(3e-2, 1.8e-2 * math.sqrt(max(1, n_layers)))
+
+
 def check_equivalence(program: TargetProgram, input_ids: torch.Tensor, expected: torch.Tensor) -> float:
     """Prefill the probe through the rewritten program; it must give the original logits."""
     batch, steps = input_ids.shape
@@ -108,7 +121,7 @@ def check_equivalence(program: TargetProgram, input_ids: torch.Tensor, expected:
     with torch.no_grad():
         logits = program(input_ids, positions, cache_len, causal_mask(batch, steps, input_ids.device), k_cache, v_cache)[0]
     error = ((logits.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
-    bound = 1e-4 if expected.dtype == torch.float32 else 3e-2
+    bound = equivalence_bound(expected.dtype, program.n_layers)
     if not error <= bound:
         raise RecognitionError(
             None, f"the rewritten program's logits differ from the model's by {error:.2e} (relative), over {bound:.0e}"

@@ -223,8 +223,12 @@ class _Bench:
         groups = batch_groups(min(n_prompts or len(self.prompts), len(self.prompts)), batch)
         warmup_seconds = None
         if warm_up:
+            # every group once, briefly: compiles the step and JIT-compiles the kernels of every
+            # prompt length (the prefill's kernels specialise on length buckets), so that no
+            # timed prompt pays for a compilation that an earlier configuration happened to do
             start = time.perf_counter()
-            self.generate(compiled, [i for i, _ in groups[0]], min(WARMUP_TOKENS, self.max_new_tokens))
+            for group in groups:
+                self.generate(compiled, [i for i, _ in group], min(WARMUP_TOKENS, self.max_new_tokens))
             warmup_seconds = time.perf_counter() - start
         rows = []
         for number, group in enumerate(_progress(groups, _label({**name, "batch": batch}), self.progress)):

@@ -29,23 +29,27 @@ import torch
 
 import specc
 from specc.bench.common import environment, mt_bench_first_turns
+from specc.generate import cache_positions_needed, tree_plan
 
 RULES = ("rrs", "q_one")
 
 
 def run(model, tokenizer, draft, *, tree: str = "eagle", temperatures=(0.7, 1.0), rules=RULES, top_p: float = 1.0,
-        n_prompts: int | None = None, per_category: int | None = None, max_new_tokens: int = 256, seed: int = 0, compile: bool = False,
-        cuda_graph: bool | None = None, out: str | Path | None = None, command: str | None = None) -> dict:
+        n_prompts: int | None = None, per_category: int | None = None, max_new_tokens: int = 256, seed: int = 0,
+        compile: bool = False, cuda_graph: bool | None = None, out: str | Path | None = None,
+        command: str | None = None) -> dict:
     """Mean accept length per (temperature, rule) on the MT-Bench first turns, batch 1."""
     rows = mt_bench_first_turns(limit=n_prompts, per_category=per_category)
     prompts = [tokenizer.encode_chat([{"role": "user", "content": r["prompt"]}]) for r in rows]
     on_gpu = next(model.parameters()).device.type == "cuda"
     cuda_graph = on_gpu if cuda_graph is None else cuda_graph
-    max_seq_len = 256 * -(-(max(len(p) for p in prompts) + max_new_tokens + 64) // 256)
+    needed = cache_positions_needed(max(len(p) for p in prompts), max_new_tokens, tree_plan(tree))
+    max_seq_len = 256 * -(-needed // 256)
     report = {"benchmark": "speculative sampling: true draft probabilities (rrs) vs q = 1 (q_one)",
               "environment": environment(), "command": command or shlex.join(sys.argv),
               "parameters": {"tree": tree, "temperatures": list(temperatures), "rules": list(rules), "top_p": top_p,
-                             "n_prompts": len(prompts), "per_category": per_category, "max_new_tokens": max_new_tokens, "seed": seed,
+                             "n_prompts": len(prompts), "per_category": per_category,
+                             "max_new_tokens": max_new_tokens, "seed": seed,
                              "compile": compile, "cuda_graph": cuda_graph, "max_seq_len": max_seq_len,
                              "draft": getattr(draft, "source", None) or "given"},
               "results": []}
@@ -101,7 +105,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--tree", default="eagle", help="a static tree (rrs needs one)")
     parser.add_argument("--temperatures", default="0.7,1.0", help="comma-separated")
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--n-prompts", type=int, default=None, help="the first N MT-Bench first turns (default: all 80)")
+    parser.add_argument("--n-prompts", type=int, default=None,
+                        help="the first N MT-Bench first turns (default: all 80)")
     parser.add_argument("--per-category", type=int, default=None,
                         help="the first N prompts of each MT-Bench category (default: all)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -133,8 +138,8 @@ def cmd_sampling(args: argparse.Namespace) -> int:
     draft.source = str(path)
     report = run(model, tokenizer, draft, tree=args.tree,
                  temperatures=[float(t) for t in args.temperatures.split(",")], top_p=args.top_p,
-                 n_prompts=args.n_prompts, per_category=args.per_category, max_new_tokens=args.max_new_tokens, seed=args.seed, compile=args.compile,
-                 out=args.out, command=shlex.join(sys.argv))
+                 n_prompts=args.n_prompts, per_category=args.per_category, max_new_tokens=args.max_new_tokens,
+                 seed=args.seed, compile=args.compile, out=args.out, command=shlex.join(sys.argv))
     print(summary_table(report))
     return 0
 

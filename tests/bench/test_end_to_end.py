@@ -212,3 +212,29 @@ def test_command_line_takes_trees_by_semicolon_or_repeated_flag():
     assert defaults.func is end_to_end.cmd_spec
     with pytest.raises(SystemExit):
         parser.parse_args(["--trees", "eagle,chain:6"])
+
+
+def test_untrained_on_fewer_prompts_is_set_against_plain_on_those_prompts(monkeypatch):
+    target = reference_llama(SMALL, seed=7)
+    warmed_groups = []
+    real_generate = end_to_end._Bench.generate
+
+    def counting(self, compiled, indices, max_new_tokens):
+        warmed_groups.append(tuple(indices))
+        return real_generate(self, compiled, indices, max_new_tokens)
+
+    monkeypatch.setattr(end_to_end._Bench, "generate", counting)
+    report = end_to_end.run(target, prompts=PROMPTS, draft=_draft(target), trees=["chain:3"], batch_sizes=[1],
+                            max_new_tokens=NEW, hf_prompts=0, untrained=True, untrained_prompts=2, compile=False,
+                            progress=False)
+    # plain and the trained head warm up on every prompt, then time it (2 x 2 calls each); the
+    # untrained head, in the warm engines, times prompts 0 and 1 only
+    assert [warmed_groups.count((i,)) for i in range(3)] == [5, 5, 4]
+    configs = {(c["decoder"], c["head"]): c for c in report["configurations"]}
+    untrained = configs[("spec", "untrained")]
+    assert [r["index"] for r in untrained["per_prompt"]] == [0, 1]
+    plain_subset = end_to_end.aggregate([r for r in configs[("plain", None)]["per_prompt"] if r["index"] < 2])
+    ratio = next(r for r in report["ratios"]["spec_over_plain"] if r["head"] == "untrained")
+    assert ratio["prompts"] == 2
+    assert ratio["tokens_per_second"] == pytest.approx(untrained["tokens_per_second"] / plain_subset["tokens_per_second"])
+    assert report["parameters"]["untrained_prompts"] == 2

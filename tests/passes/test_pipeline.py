@@ -117,3 +117,25 @@ def test_dump_holds_the_step_graph_and_the_tree_picture(tmp_path):
     for op in ("specc.tree_attention", "specc.verify_greedy", "specc.commit_kv", "specc.kv_write"):
         assert op in graph, op
     assert (folder / "05_prefill" / "graph.txt").exists()
+
+
+def test_equivalence_check_accepts_bf16_rounding_and_refuses_wrong_logits():
+    from specc.models.llama import LlamaConfig
+    from specc.passes.graph_utils import RecognitionError
+    from specc.passes.pipeline import check_equivalence, equivalence_bound
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = reference_llama(config, 5).to(torch.bfloat16)
+    program, _ = target_program(torch.compile(model, backend=specc.backend()))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        right = model(ids)
+        # the logits of a program that is off by one position: what a broken rewrite gives
+        shifted = model(torch.roll(ids, 1, dims=1))
+    assert check_equivalence(program, ids, right) <= equivalence_bound(torch.bfloat16, 8)
+    with pytest.raises(RecognitionError, match="differ from the model"):
+        check_equivalence(program, ids, shifted)
+    # the bound grows with depth (rounding does) and stays far under a wrong program's error
+    assert equivalence_bound(torch.bfloat16, 1) == 3e-2 < equivalence_bound(torch.bfloat16, 32) < 0.15
+    assert equivalence_bound(torch.float32, 80) == 1e-4
