@@ -8,6 +8,8 @@
 # already in ~/m/data (SKIP_GEN=1) generation is skipped.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+# training batches vary in width: let the allocator grow segments instead of fragmenting
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 GGUF=~/m/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$GGUF" ] || cat ~/m/model.part1 .gpu2/model.part2 > "$GGUF"

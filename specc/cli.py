@@ -107,7 +107,7 @@ def cmd_generate(args) -> int:
     compiled, tokenizer = _load(args)
     if not args.no_warmup:
         # compile prefill and step on a two-token run first, so the printed speed is decoding's
-        print("compiling (first run) ...", file=sys.stderr)
+        print("warming up (the first run compiles) ..." if not args.no_compile else "warming up ...", file=sys.stderr)
         _generate(compiled, tokenizer, [{"role": "user", "content": args.prompt}], args, max_new_tokens=2)
     text, result = _generate(compiled, tokenizer, [{"role": "user", "content": args.prompt}], args)
     print(text)

@@ -377,3 +377,22 @@ def test_a_failing_sampled_engine_falls_back_to_greedy_and_says_so(tmp_path, mon
     sequences = load_sequences(tmp_path)
     assert summary.sequences == len(sequences) > 0
     assert all(sequences.greedy)  # every answer was greedy, and the flags say so
+
+
+def test_batch_width_is_rounded_to_few_shapes_and_padding_never_reaches_the_loss():
+    target = _target()
+    sequences = _greedy_sequences(target, count=3, prompt=4, new=9)
+    narrow = make_batch(sequences, [0, 1, 2], max_len=200, device="cpu")
+    assert narrow.input_ids.shape[1] == 64 and narrow.tokens == sum(len(t) for t in sequences.tokens)
+    assert make_batch(sequences, [0], max_len=10, device="cpu").input_ids.shape[1] == 10  # never past max_len
+    config = TrainConfig(kind="eagle3", steps=1, noise=0.0)
+    draft = _draft(target, "eagle3")
+    tight = train_module.WIDTH_MULTIPLE
+    try:
+        train_module.WIDTH_MULTIPLE = 1
+        exact = make_batch(sequences, [0, 1, 2], max_len=200, device="cpu")
+    finally:
+        train_module.WIDTH_MULTIPLE = tight
+    loss_padded, _ = distill_loss(target, draft, narrow, config)
+    loss_exact, _ = distill_loss(target, draft, exact, config)
+    torch.testing.assert_close(loss_padded, loss_exact)
