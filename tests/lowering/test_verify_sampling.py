@@ -417,3 +417,25 @@ def test_kernel_matches_reference_in_the_interpreter():
         assert want[0].sum() > 0, "the case accepts nothing: it would not test the descent"
         source = kernel_source(n_nodes=n, vocab=vocab, max_depth=max_depth, block_v=block_v, rule=rule)
         assert source == kernel_source(n_nodes=n, vocab=vocab, max_depth=max_depth, block_v=block_v, rule=rule)
+
+
+GPU_CASES = KERNEL_CASES + [
+    # SmolLM2's vocabulary, the default "eagle" tree's size and depth, and a 64-node dynamic tree
+    (4, 25, 49152, 1024, 5, "rrs", 4),
+    (4, 25, 49152, 1024, 5, "q_one", 4),
+    (2, 64, 49152, 1024, 8, "q_one", 8),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case_index", range(len(GPU_CASES)))
+def test_kernel_equals_reference_on_gpu(case_index):
+    """The custom op on CUDA (the generated kernel) against the CPU reference, bit for bit: the
+    same Philox stream and the same float order of the residual updates."""
+    batch, n, vocab, _, max_depth, rule, max_children = GPU_CASES[case_index]
+    case = _random_case(batch, n, vocab, max_children, seed=300 + case_index)
+    want = vs.verify_sampling_reference(*case, max_depth, rule)
+    tokens, parents, target_probs, draft_probs, seeds, counter = (t.cuda() for t in case)
+    got = torch.ops.specc.verify_sampling(tokens, parents, target_probs, draft_probs, seeds, counter, max_depth, rule)
+    for name, g, w in zip(("accept_len", "path", "out_tokens"), got, want):
+        assert torch.equal(g.cpu(), w), f"case {GPU_CASES[case_index]}: {name}\nkernel    {g.tolist()}\nreference {w.tolist()}"
