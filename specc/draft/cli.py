@@ -60,6 +60,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop generating after this long and save what there is (in the planned mix)")
     parser.add_argument("--no-compile", action="store_true", help="generate without Inductor (CPU runs)")
     parser.add_argument("--plot-only", action="store_true", help="only redraw the plots of --out-dir")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="only profile STEPS training steps on --data-dir and print the costliest ops")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -70,6 +72,17 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         paths = plot_metrics(Path(args.out_dir) / "metrics.jsonl", args.out_dir)
         print("\n".join(str(p) for p in paths))
         return 0 if paths else 1
+    if args.profile > 0:
+        from specc.draft.train import profile_steps
+        from specc.models.load import load_llama
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, _ = load_llama(args.model, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
+                              device=device)
+        config = TrainConfig(kind=args.kind, batch_size=args.batch_size, max_len=args.max_len, lr=args.lr,
+                             ttt_steps=args.ttt_steps, noise=args.noise, seed=args.seed)
+        print(profile_steps(model, args.data_dir, config, steps=args.profile))
+        return 0
     if args.generate_data <= 0 and args.steps <= 0:
         print("nothing to do: pass --generate-data N and/or --steps N", file=sys.stderr)
         return 2

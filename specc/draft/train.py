@@ -653,6 +653,46 @@ class TrainResult:
     metrics: list[dict] = field(default_factory=list)
 
 
+def profile_steps(target: torch.nn.Module, data_dir: str | Path, config: TrainConfig, steps: int = 5,
+                  warmup: int = 3, rows: int = 25, sequences: Sequences | None = None) -> str:
+    """Time `steps` training steps (after `warmup`) under torch.profiler and return its table of
+    the most expensive ops: where a slow training step spends its time, on the GPU or the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = next(target.parameters()).device
+    target.eval().requires_grad_(False)
+    torch.manual_seed(config.seed)
+    draft = EagleDraft(DraftConfig.for_target(target.config, config.kind)).to(device).attach_to(target)
+    optimizer, _ = make_optimizer(draft, config)
+    sequences = sequences if sequences is not None else load_sequences(data_dir)
+    train_idx, _ = split_train_eval(sequences, config.max_len, config.eval_sequences)
+    order = BatchOrder(train_idx, config.batch_size, config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed + 1)
+
+    def one_step(step: int) -> None:
+        batch = make_batch(sequences, order(step), config.max_len, device)
+        loss, _ = distill_loss(target, draft, batch, config, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for step in range(warmup):
+        one_step(step)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for step in range(warmup, warmup + steps):
+            one_step(step)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return (f"{steps} steps in {seconds:.3f} s ({steps / seconds:.2f} steps/s, profiler on) on {device}\n"
+            + prof.key_averages().table(sort_by=sort, row_limit=rows))
+
+
 def _progress_bar(total: int, initial: int, enabled: bool):
     if not enabled:
         return None

@@ -396,3 +396,11 @@ def test_batch_width_is_rounded_to_few_shapes_and_padding_never_reaches_the_loss
     loss_padded, _ = distill_loss(target, draft, narrow, config)
     loss_exact, _ = distill_loss(target, draft, exact, config)
     torch.testing.assert_close(loss_padded, loss_exact)
+
+
+def test_profile_steps_reports_the_costliest_ops():
+    target = _target()
+    sequences = _greedy_sequences(target, count=6, prompt=4, new=10)
+    table = train_module.profile_steps(target, "unused", TrainConfig(kind="eagle3", batch_size=2, eval_sequences=1),
+                                       steps=2, warmup=1, sequences=sequences)
+    assert "steps/s" in table and "aten::mm" in table
