@@ -3,6 +3,7 @@
     specc train-draft --generate-data 8000 --data-dir D --steps 0          # data only
     specc train-draft --kind eagle3 --data-dir D --out-dir R --steps 5000 --time-budget 360 --resume
     specc train-draft --plot-only --out-dir R                               # redraw the plots
+    specc train-draft --profile 5 --data-dir D                              # where a training step's time goes
 
 `add_train_draft_parser(subparsers)` adds the subcommand to specc's command line; `main()`
 runs it alone (`python -m specc.draft.cli ...`), which is what the GPU commands in
