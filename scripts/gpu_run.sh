@@ -1,18 +1,14 @@
 #!/usr/bin/env bash
 # One lent-GPU call: install specc, run the GPU tests, the real-model checks and benchmarks.
-# Usage (second of the two model calls in ../shared/GPU.md, carry .gpu2):
+# Usage (second of the two model calls in ../shared/GPU.md, carry .gpu2; scripts/gpu_model.sh):
 #   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] ...
+# DRAFT=path measures another head than the shipped one (spec, sampling); UNTRAINED_PROMPTS=0
+# skips the untrained-head rows of spec.
 # Everything lands under $OUT; the last lines printed are a short table.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if [ ! -f ~/m/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-  cat ~/m/model.part1 .gpu2/model.part2 > ~/m/SmolLM2-135M-Instruct.Q4_1.gguf
-fi
-python3 -m pip install -q --no-index --no-deps --target ~/site .gpu2/gguf-*.whl 2>/dev/null
-export PYTHONPATH=~/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
-export SPECC_CACHE=~/m
+source scripts/gpu_model.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 for job in "$@"; do
   case "$job" in
@@ -21,9 +17,9 @@ for job in "$@"; do
     sampling_smoke) python3 -c "import json; from specc.bench.gpu_checks import sampling_smoke; json.dump(sampling_smoke(), open('$OUT/sampling_smoke.json', 'w'), indent=1)" 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/sampling.log" | tail -8 ;;
     plain)  specc bench plain --out "$OUT/plain.json" 2>&1 | tee "$OUT/plain.log" | tail -12 ;;
     spec)   specc bench spec --out "$OUT/spec.json" --plots "$OUT" --trees "${TREES:-dynamic:8,8,64;eagle;chain:6}" \
-              --untrained --untrained-prompts "${UNTRAINED_PROMPTS:-16}" --hf-prompts "${HF_PROMPTS:-4}" \
-              --max-new-tokens 256 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/spec.log" | tail -30 ;;
-    sampling) specc bench sampling --out "$OUT/sampling.json" ${SAMPLING_ARGS:-} 2>&1 | grep --line-buffered -v -i warn \
+              ${DRAFT:+--draft "$DRAFT"} $( [ "${UNTRAINED_PROMPTS:-16}" -gt 0 ] && echo --untrained --untrained-prompts "${UNTRAINED_PROMPTS:-16}" ) \
+              --hf-prompts "${HF_PROMPTS:-4}" --max-new-tokens 256 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/spec.log" | tail -30 ;;
+    sampling) specc bench sampling --out "$OUT/sampling.json" ${DRAFT:+--draft "$DRAFT"} ${SAMPLING_ARGS:-} 2>&1 | grep --line-buffered -v -i warn \
               | tee "$OUT/sampling.log" | tail -12 ;;
     systems) specc bench systems --out "$OUT/systems.json" --plots "$OUT" ${SYSTEMS_ARGS:-} 2>&1 \
               | grep --line-buffered -v -i warn | tee "$OUT/systems.log" | tail -40 ;;

@@ -14,7 +14,10 @@ differ, the first divergent token with the target's top-2 logit margin there. Ra
 over plain per tree and batch size, and every specc configuration over HF on HF's prompts.
 
 Method, so that the decoders do the same work and nothing but decoding is timed:
-  - stop tokens are ignored (stop_ids=()): every sequence gets exactly max_new_tokens tokens;
+  - stop tokens are ignored (stop_ids=()): every sequence gets exactly max_new_tokens tokens.
+    What follows the model's end of turn is text no chat user sees (and no draft was trained
+    on), so each configuration also reports `mean_accept_length_until_eos`: over the steps up
+    to the one that emitted the first stop token (all steps where there is none);
   - one cache length for every engine (the longest prompt plus the budget plus the slack the
     deepest tree needs, rounded up to 256), so each engine compiles once;
   - a short warm-up call per engine (same engine key) before timing;
@@ -203,8 +206,8 @@ class _Bench:
     """The fixed settings of one run, shared by every configuration it measures."""
 
     def __init__(self, model, prompts, *, max_new_tokens, temperature, top_k, top_p, seed, max_seq_len, compile,
-                 progress) -> None:
-        self.model, self.prompts = model, prompts
+                 progress, stop_id=None) -> None:
+        self.model, self.prompts, self.stop_id = model, prompts, stop_id
         self.max_new_tokens, self.max_seq_len, self.compile = max_new_tokens, max_seq_len, compile
         self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         self.greedy = temperature == 0
@@ -240,7 +243,7 @@ class _Bench:
                                  "seconds": (out.prefill_seconds + out.decode_seconds) / batch,
                                  "decode_seconds": out.decode_seconds / batch,
                                  "group_decode_seconds": out.decode_seconds})
-        return {**name, "batch": batch, "compile_and_warmup_seconds": warmup_seconds, **aggregate(rows),
+        return {**name, "batch": batch, "compile_and_warmup_seconds": warmup_seconds, **aggregate(rows, self.stop_id),
                 "per_prompt": rows}
 
     def hf(self, hf_model, indices: list[int]) -> dict:
@@ -286,12 +289,28 @@ def hf_generate(hf_model, prompt: list[int], max_new_tokens: int, sampling: dict
     return out[0, len(prompt):].tolist()
 
 
-def aggregate(rows: list[dict]) -> dict:
+def steps_until_stop(tokens: Sequence[int], accept_lengths: Sequence[int], stop_id: int | None) -> list[int]:
+    """The accept lengths of the steps up to and including the one that emitted the first
+    `stop_id` (tokens[0] came from prefill, step j emitted the next accept_lengths[j]); all of
+    them when the stop token never came."""
+    if stop_id is None or stop_id not in tokens:
+        return list(accept_lengths)
+    stop_at, emitted, kept = tokens.index(stop_id), 1, []
+    for length in accept_lengths:
+        if emitted > stop_at:
+            break
+        kept.append(length)
+        emitted += length
+    return kept
+
+
+def aggregate(rows: list[dict], stop_id: int | None = None) -> dict:
     """A configuration's numbers from its real rows (see the module docstring for the charging).
 
     decode tokens are those the steps emitted (the first token of each sequence comes from
     prefill); ms per output token is a sequence's decode time per decode token. The histogram
-    counts every step, so each sequence's last step, cut short by the budget, is in it too."""
+    counts every step, so each sequence's last step, cut short by the budget, is in it too.
+    `mean_accept_length_until_eos` counts only the steps up to each row's first `stop_id`."""
     new_tokens = sum(r["new_tokens"] for r in rows)
     decode_tokens = sum(sum(r["accept_lengths"]) for r in rows)
     seconds = sum(r["seconds"] for r in rows)
@@ -300,6 +319,7 @@ def aggregate(rows: list[dict]) -> dict:
     histogram = [0] * (max(lengths, default=0) + 1)
     for length in lengths:
         histogram[length] += 1
+    until_stop = [length for r in rows for length in steps_until_stop(r["tokens"], r["accept_lengths"], stop_id)]
     return {
         "new_tokens": new_tokens,
         "seconds": seconds,
@@ -307,6 +327,7 @@ def aggregate(rows: list[dict]) -> dict:
         "decode_tokens_per_second": _ratio(decode_tokens, decode_seconds),
         "ms_per_output_token": _ratio(1e3 * sum(r["group_decode_seconds"] for r in rows), decode_tokens),
         "mean_accept_length": _ratio(sum(lengths), len(lengths)),
+        "mean_accept_length_until_eos": _ratio(sum(until_stop), len(until_stop)),
         "accept_length_histogram": histogram,  # [k] = steps that emitted k tokens
     }
 
@@ -339,7 +360,7 @@ def compare_with_plain(config: dict, plain: dict, model, prompts: list[list[int]
                   compared=len(config["per_prompt"]), divergences=divergences)
 
 
-def ratios(configs: list[dict], hf_indices: list[int]) -> dict:
+def ratios(configs: list[dict], hf_indices: list[int], stop_id: int | None = None) -> dict:
     """Speculative over plain (same batch size), and every specc configuration over HF eager
     measured on HF's prompts (each configuration's tokens/s recomputed on that subset)."""
     plain = {c["batch"]: c for c in configs if c["decoder"] == "plain"}
@@ -351,7 +372,7 @@ def ratios(configs: list[dict], hf_indices: list[int]) -> dict:
         indices = {r["index"] for r in c["per_prompt"]}
         if indices == {r["index"] for r in base["per_prompt"]}:
             return base
-        return aggregate([r for r in base["per_prompt"] if r["index"] in indices])
+        return aggregate([r for r in base["per_prompt"] if r["index"] in indices], stop_id)
 
     over_plain = [
         {"tree": c["tree"], "head": c["head"], "batch": c["batch"], "prompts": len(c["per_prompt"]),
@@ -409,6 +430,7 @@ def run(
     out: str | Path | None = None,
     command: str | None = None,
     progress: bool = True,
+    stop_id: int | None = None,
 ) -> dict:
     """Measure HF eager, specc plain and specc speculative decode (module docstring) on an
     already-loaded target `model` and return the report (also written to `out` as it grows,
@@ -418,7 +440,8 @@ def run(
     with `tokenizer.encode_chat`. draft: an EagleDraft (or any specc draft), a .safetensors
     path, or None for the shipped head (an untrained stand-in, noted, when there is none).
     hf_model: a transformers model for the HF baseline (default: `model` itself when it is
-    one); HF runs on the first `hf_prompts` prompts, 0 skips it.
+    one); HF runs on the first `hf_prompts` prompts, 0 skips it. stop_id: the end-of-turn
+    token for mean_accept_length_until_eos (default: the tokenizer's eos_id).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; ask for at least one token")
@@ -436,8 +459,11 @@ def run(
     draft, draft_info = resolve_draft(draft, model, seed)
     tree_names = [t if isinstance(t, str) else str(list(t)) for t in trees]
     max_seq_len = cache_length(prompts, max_new_tokens, trees)
+    if stop_id is None and tokenizer is not None:
+        stop_id = getattr(tokenizer, "eos_id", None)
     bench = _Bench(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, seed=seed, max_seq_len=max_seq_len, compile=compile, progress=progress)
+                   top_p=top_p, seed=seed, max_seq_len=max_seq_len, compile=compile, progress=progress,
+                   stop_id=stop_id)
     if hf_model is None and hasattr(model, "generate"):
         hf_model = model
     hf_indices = list(range(min(hf_prompts, len(prompts)))) if hf_model is not None else []
@@ -461,7 +487,7 @@ def run(
                        "top_p": top_p, "seed": seed, "hf_prompts": len(hf_indices), "untrained": measure_untrained,
                        "untrained_prompts": untrained_prompts if measure_untrained else None,
                        "compile": compile, "max_seq_len": max_seq_len, "prompt_file": str(prompt_file or "MT-Bench"),
-                       "n_prompts": len(prompts), "dtype": str(next(model.parameters()).dtype),
+                       "n_prompts": len(prompts), "dtype": str(next(model.parameters()).dtype), "stop_id": stop_id,
                        "device": str(next(model.parameters()).device)},
         "draft": draft_info,
         "notes": notes,
@@ -507,7 +533,7 @@ def _measure_all(bench: _Bench, report: dict, draft, trees, tree_names, batch_si
     untrained head in the same engines; the report is saved after each configuration."""
     def add(config: dict) -> None:
         report["configurations"].append(config)
-        report["ratios"] = ratios(report["configurations"], hf_indices)
+        report["ratios"] = ratios(report["configurations"], hf_indices, bench.stop_id)
         print(bench.report_line(config), file=sys.stderr, flush=True)
         _save(report, out)
 
@@ -561,7 +587,7 @@ def summary_table(report: dict) -> str:
         f"{params['max_new_tokens']} new tokens | cache {params['max_seq_len']} | HF on {params['hf_prompts']} prompts",
         *(f"NOTE: {note}" for note in report["notes"]),
         f"{'decoder':<8}{'tree':<16}{'head':<10}{'batch':>5}{'tok/s':>10}{'decode':>10}{'ms/tok':>10}"
-        f"{'accept':>8}{'x plain':>9}{'x HF':>8}{'equal':>9}",
+        f"{'accept':>8}{'<eos':>7}{'x plain':>9}{'x HF':>8}{'equal':>9}",
     ]
     for c in report["configurations"]:
         key = (c["tree"], c["head"], c["batch"])
@@ -570,6 +596,7 @@ def summary_table(report: dict) -> str:
             f"{c['decoder']:<8}{c['tree'] or '-':<16}{c['head'] or '-':<10}{c['batch']:>5}"
             f"{_fmt(c['tokens_per_second'], '.1f'):>10}{_fmt(c['decode_tokens_per_second'], '.1f'):>10}"
             f"{_fmt(c['ms_per_output_token'], '.3f'):>10}{_fmt(c['mean_accept_length'], '.2f'):>8}"
+            f"{_fmt(c.get('mean_accept_length_until_eos'), '.2f'):>7}"
             f"{_fmt(over_plain.get(key), '.2f'):>9}{_fmt(over_hf.get((c['decoder'], *key)), '.1f'):>8}{equal:>9}"
         )
     for c in report["configurations"]:

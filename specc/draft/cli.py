@@ -39,8 +39,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="stop, evaluate and checkpoint after this long (from the start of training); resume later")
     parser.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt when there is one")
+    parser.add_argument("--fit-steps-to-time", action="store_true",
+                        help="with --time-budget: time the first steps, then set --steps so that the learning-rate "
+                             "schedule ends when the budget does")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-tokens", type=int, default=None, metavar="N",
+                        help="batches of similar-length sequences, as many as fit N padded tokens (replaces --batch-size)")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, warmup then cosine to 10%%)")
     parser.add_argument("--max-len", type=int, default=768, help="training sequences are cut to this many tokens")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -59,7 +64,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-max-seq-len", type=int, default=1024, help="cache length of the generation engines")
     parser.add_argument("--gen-time-budget", type=float, default=None, metavar="SECONDS",
                         help="stop generating after this long and save what there is (in the planned mix)")
-    parser.add_argument("--no-compile", action="store_true", help="generate without Inductor (CPU runs)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="generate without Inductor: on a GPU the uncompiled step replays from a CUDA graph "
+                             "(no compile minutes)")
     parser.add_argument("--plot-only", action="store_true", help="only redraw the plots of --out-dir")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="only profile STEPS training steps on --data-dir and print the costliest ops")
@@ -80,7 +87,8 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, _ = load_llama(args.model, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
                               device=device)
-        config = TrainConfig(kind=args.kind, batch_size=args.batch_size, max_len=args.max_len, lr=args.lr,
+        config = TrainConfig(kind=args.kind, batch_size=args.batch_size, batch_tokens=args.batch_tokens,
+                             max_len=args.max_len, lr=args.lr,
                              ttt_steps=args.ttt_steps, noise=args.noise, seed=args.seed)
         print(profile_steps(model, args.data_dir, config, steps=args.profile))
         return 0
@@ -104,7 +112,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         summary = build_dataset(
             compiled, tokenizer, args.data_dir, args.generate_data, seed=args.seed, batch_size=args.gen_batch_size,
             max_new_tokens=args.max_new_tokens, max_seq_len=args.gen_max_seq_len, compile=not args.no_compile,
-            progress=progress, time_budget=args.gen_time_budget,
+            cuda_graph=device.startswith("cuda") or None, progress=progress, time_budget=args.gen_time_budget,
         )
         print(f"data: {summary.sequences} sequences ({summary.prompt_tokens} prompt + {summary.response_tokens} "
               f"response tokens) in {summary.seconds:.0f} s; kept {summary.counts_kept}; "
@@ -117,10 +125,11 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
 
     if args.steps > 0:
         config = TrainConfig(
-            kind=args.kind, steps=args.steps, batch_size=args.batch_size, max_len=args.max_len, lr=args.lr,
+            kind=args.kind, steps=args.steps, batch_size=args.batch_size, batch_tokens=args.batch_tokens,
+            max_len=args.max_len, lr=args.lr,
             warmup_steps=args.warmup_steps, ttt_steps=args.ttt_steps, noise=args.noise, seed=args.seed,
             moments_dtype=args.moments_dtype, time_budget=args.time_budget, eval_every=args.eval_every,
-            ckpt_every=args.ckpt_every, init_from=args.init_from,
+            ckpt_every=args.ckpt_every, init_from=args.init_from, fit_steps_to_time=args.fit_steps_to_time,
         )
         via_module = Path(sys.argv[0]).name == "cli.py"
         command = shlex.join((["python", "-m", "specc.draft.cli"] if via_module else ["specc"]) + sys.argv[1:])

@@ -16,11 +16,14 @@ what it kept):
                       new lines that parse and are not duplicates (of each other or of a seed)
                       are then asked as chat prompts
   topic_chat          hand-written general topics (`TOPICS`) x chat/writing templates
-                      ("Explain ... in simple terms", "Write a short poem about ...", ...)
+                      ("Explain ... in simple terms", "Write a short poem about ...", ...) and
+                      writing forms (`WRITING_FORMS`: "Write a limerick about ...", ...)
+  persona             role play: a persona (`PERSONAS`) and a request (`PERSONA_REQUESTS`)
+                      in one of `PERSONA_TEMPLATES` ("Pretend to be ... and ...")
   text_task           templates over text that is at hand: GSM8K questions and worked answers,
                       self-instruct instance texts, and the docstrings of Python's standard
                       library ("Summarize the following text: ...", "List the key points ...",
-                      "Check this solution step by step ...")
+                      "Extract every number ...", "Check this solution step by step ...")
   code                the standard library's own small functions: "Explain what this Python
                       function does", "Write a docstring", "Write a {language} function that
                       {first docstring line}", "Write unit tests for ..."
@@ -29,7 +32,7 @@ what it kept):
 
 Responses: greedy for about half the prompts and temperature 0.7 for the rest (the head is
 used under both), up to `max_new_tokens`, stopped at the tokenizer's end of turn. All
-generation runs at one batch size and one cache length, so specc compiles two engines (greedy,
+generation runs at one batch size and one cache length, so specc builds two engines (greedy,
 sampled) once and reuses them. Prompts are shuffled and greedy and sampled batches alternate,
 so a `time_budget` that stops generation early keeps the planned mix.
 
@@ -59,12 +62,14 @@ from pathlib import Path
 import torch
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "data"
-SOURCES = ("gsm8k", "self_instruct_seed", "self_written", "topic_chat", "text_task", "code", "follow_up")
+SOURCES = ("gsm8k", "self_instruct_seed", "self_written", "topic_chat", "text_task", "code", "follow_up", "persona")
 # Shares of the first-turn prompts; self_instruct_seed is fixed (2 x 175) and gsm8k takes the rest.
 # The shipped head (2026-12-01) was trained on self_written 0.20 and GSM8K taking the rest (about
 # 0.30): its held-out accept length on that mix (2.67) far exceeded MT-Bench's (about 1.5), so the
-# self-written chat instructions, the most varied source, now take more and GSM8K less.
-MIX = {"self_written": 0.35, "topic_chat": 0.15, "text_task": 0.15, "code": 0.15}
+# self-written chat instructions, the most varied source, now take more and GSM8K less; role
+# play and writing forms ("persona", "topic_chat") stand in for the chat categories that the
+# other sources lack.
+MIX = {"self_written": 0.35, "topic_chat": 0.15, "text_task": 0.12, "code": 0.12, "persona": 0.1}
 FOLLOW_UP_FRACTION = 0.15
 SAMPLING_TEMPERATURE = 0.7
 SEQ_FILE_GLOB = "seqs-*.pt"
@@ -196,6 +201,54 @@ TOPICS = (
     "a visit to the dentist", "moving to a new city", "adopting a pet", "dogs", "cats", "volunteering",
     "the scientific method", "prime numbers", "probability", "fractions", "the Pythagorean theorem",
     "DNA", "vaccines", "nutrition", "drinking enough water", "first aid", "fire safety",
+    "the French Revolution", "the Renaissance", "the Cold War", "the Silk Road", "the printing of newspapers",
+    "democracy", "human rights", "supply and demand", "inflation", "the stock market", "universal basic income",
+    "the theory of evolution", "Newton's laws of motion", "plate tectonics", "the periodic table", "thermodynamics",
+    "quantum computing", "blockchain", "open-source software", "artificial intelligence in medicine",
+    "social media", "video games", "e-books versus printed books", "public transport", "urban gardening",
+    "Shakespeare's plays", "impressionist painting", "Greek mythology", "philosophy of happiness", "stoicism",
+    "game theory", "statistics in everyday life", "the speed of light", "antibiotics", "the human brain",
+    "ocean pollution", "wind turbines", "nuclear power", "space tourism", "self-driving cars", "3D printing",
+)
+
+# Writing forms for "Write a {form} about {topic}." (topic_chat)
+WRITING_FORMS = (
+    "persuasive essay", "product description", "short speech", "news article", "cover letter", "thank-you note",
+    "limerick", "haiku", "dialogue between two friends", "radio advertisement", "diary entry", "movie plot summary",
+    "restaurant review", "motivational message", "short fable with a moral", "letter to the editor",
+    "five-question quiz with answers", "children's story", "social media post", "song chorus",
+)
+
+PERSONAS = (
+    "a pirate captain", "a medieval knight", "a friendly librarian", "a tour guide in an old European city",
+    "a personal fitness coach", "a detective in 1920s London", "a high school chemistry teacher",
+    "a customer support agent for an internet provider", "a famous chef", "an astronaut on a space station",
+    "a startup founder pitching to investors", "a museum guide", "a wise old wizard", "a sports commentator",
+    "a career counselor", "a park ranger", "a nutritionist", "a job interviewer", "a Romantic-era poet",
+    "a robot learning about human emotions", "a math tutor", "a history professor", "a village shopkeeper",
+    "a family doctor", "a travel blogger", "a lawyer explaining a contract", "a farmer", "a ship's navigator",
+    "a time traveller from the year 2300", "a kindergarten teacher", "a stand-up comedian", "a barista",
+)
+
+PERSONA_REQUESTS = (
+    "introduce yourself to a new visitor.", "describe a typical day in your life.",
+    "give advice to someone who is nervous about their first day at work.",
+    "explain what you love most about your work.", "answer this question: what is the secret to a good life?",
+    "tell me about the biggest challenge you have faced.", "convince me to try something new.",
+    "describe your favourite place.", "give a short speech at a graduation ceremony.",
+    "respond to a customer who is unhappy about a late delivery.", "share three tips for beginners in your field.",
+    "explain a difficult idea from your work to a child.", "tell me a story from your past.",
+    "answer my question: how do I stay motivated?", "describe the tools you use every day.",
+    "write a short letter to your younger self.", "react to the news that it will rain all week.",
+    "plan a weekend trip for me.", "teach me one useful skill.", "tell me what you think about modern technology.",
+)
+
+PERSONA_TEMPLATES = (
+    "Pretend to be {persona} and {request}",
+    "You are {persona}. Stay in character and {request}",
+    "Act as {persona}. Please {request}",
+    "Imagine you are {persona}. {Request}",
+    "Role-play as {persona}: {request}",
 )
 
 TOPIC_TEMPLATES = (
@@ -213,6 +266,12 @@ TOPIC_TEMPLATES = (
     "Create a list of questions a student might ask about {topic}.",
     "Describe {topic} in one paragraph.",
     "Why is {topic} important?",
+    "Compare {topic} with something similar, and explain the differences.",
+    "What would the world be like without {topic}?",
+    "Write a short lesson plan for teaching {topic}.",
+    "Give a brief history of {topic}.",
+    "What ethical questions does {topic} raise?",
+    "Write a step-by-step guide for a beginner interested in {topic}.",
 )
 
 TEXT_TEMPLATES = (
@@ -225,6 +284,10 @@ TEXT_TEMPLATES = (
     "Continue this text with one more paragraph:\n\n{text}",
     "Explain the following text to a beginner:\n\n{text}",
     "Rewrite this text in a more formal tone:\n\n{text}",
+    "Extract every number in this text and say what each one refers to:\n\n{text}",
+    "List the people, places and things named in this text, as JSON:\n\n{text}",
+    "Turn this text into a table with two columns, item and detail:\n\n{text}",
+    "Is the tone of this text positive, negative or neutral? Explain briefly.\n\n{text}",
 )
 
 SOLUTION_TEMPLATES = (
@@ -365,9 +428,15 @@ def first_turn_prompts(counts: dict[str, int], self_written: Sequence[str], rng:
     for text in self_written[: counts["self_written"]]:
         items.append(PromptItem("self_written", _user(text)))
 
-    topic_pairs = [(t, p) for t in TOPICS for p in TOPIC_TEMPLATES]
-    for topic, template in rng.sample(topic_pairs, min(counts["topic_chat"], len(topic_pairs))):
-        items.append(PromptItem("topic_chat", _user(template.format(topic=topic))))
+    topic_texts = [p.format(topic=t) for t in TOPICS for p in TOPIC_TEMPLATES]
+    topic_texts += [f"Write a {form} about {topic}." for topic in TOPICS for form in WRITING_FORMS]
+    for text in rng.sample(topic_texts, min(counts["topic_chat"], len(topic_texts))):
+        items.append(PromptItem("topic_chat", _user(text)))
+
+    persona_texts = [template.format(persona=persona, request=request, Request=request[0].upper() + request[1:])
+                     for persona in PERSONAS for request in PERSONA_REQUESTS for template in PERSONA_TEMPLATES]
+    for text in rng.sample(persona_texts, min(counts.get("persona", 0), len(persona_texts))):
+        items.append(PromptItem("persona", _user(text)))
 
     # text tasks: a third over worked GSM8K solutions, the rest over passages of text
     passages = ([q for q in questions if len(q) >= 200]
@@ -437,6 +506,7 @@ def generate_batched(
     max_seq_len: int,
     seed: int,
     compile: bool = True,
+    cuda_graph: bool | None = None,
     progress: bool = True,
     desc: str = "generate",
     deadline: float | None = None,
@@ -471,7 +541,7 @@ def generate_batched(
                 compiled, [list(prompts[i]) for i in padded], max_new_tokens=max_new_tokens,
                 temperature=0.0 if greedy_now else SAMPLING_TEMPERATURE,
                 seed=[seed * 1_000_003 + i for i in padded], stop_ids=list(stop_ids),
-                max_seq_len=max_seq_len, compile=compile,
+                max_seq_len=max_seq_len, compile=compile, cuda_graph=cuda_graph,
             )
 
         if not want_greedy and sampling_failed:
@@ -525,6 +595,7 @@ def build_dataset(
     max_seq_len: int = 1024,
     greedy_fraction: float = 0.5,
     compile: bool = True,
+    cuda_graph: bool | None = None,
     progress: bool = True,
     extra_prompts: Sequence[PromptItem] = (),
     mt_bench: MTBenchFilter | None = None,
@@ -533,7 +604,9 @@ def build_dataset(
 ) -> DataSummary:
     """Build `n_prompts` first-turn prompts (plus follow-ups), let the target answer them and
     save the sequences under `out_dir` (see the module docstring). `extra_prompts` are added
-    as they are (and filtered like the rest). With `time_budget` (seconds), generation stops
+    as they are (and filtered like the rest). `compile` and `cuda_graph` go to specc.generate:
+    on a GPU, compile=False with cuda_graph=True replays the uncompiled step from a CUDA graph
+    and spends none of Inductor's minutes of compilation. With `time_budget` (seconds), generation stops
     launching batches once it is spent, keeps what it has (in the planned mix, since prompts
     are shuffled) and still saves; the summary's `stopped_early` says so."""
     start = time.perf_counter()
@@ -547,7 +620,7 @@ def build_dataset(
     stop_ids = [tokenizer.eos_id]
     max_prompt_tokens = max_seq_len - max_new_tokens
     gen = dict(max_new_tokens=max_new_tokens, stop_ids=stop_ids, batch_size=batch_size, max_seq_len=max_seq_len,
-               compile=compile, progress=progress, deadline=deadline, greedy_fallback=True)
+               compile=compile, cuda_graph=cuda_graph, progress=progress, deadline=deadline, greedy_fallback=True)
     dropped = Counter()
 
     def encode(items: list[PromptItem]) -> tuple[list[PromptItem], list[list[int]]]:

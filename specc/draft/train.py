@@ -123,7 +123,11 @@ CKPT_MAX_BYTES = 15 * 2**20
 # May differ between a run and its resumption. Changing `steps` bends the cosine schedule to
 # the new end (the learning rate follows the current --steps), which is how a run is made to
 # fit the device time left.
-RUN_CONTROL_FIELDS = ("steps", "time_budget", "eval_every", "ckpt_every", "log_every")
+RUN_CONTROL_FIELDS = ("steps", "time_budget", "fit_steps_to_time", "eval_every", "ckpt_every", "log_every")
+# fit_steps_to_time: steps timed before the schedule's end is set, and the seconds kept back
+# for the last evaluation, checkpoint and plots
+FIT_SKIP_STEPS, FIT_PROBE_STEPS = 10, 40
+FIT_RESERVE_SECONDS = 25.0
 
 
 @dataclass
@@ -131,6 +135,9 @@ class TrainConfig:
     kind: str = "eagle3"
     steps: int = 3000  # length of the schedule: training ends here
     batch_size: int = 16
+    # when set: batches of similar-length sequences, as many as fit this many padded tokens
+    # (TokenBudgetOrder), instead of batch_size sequences of any length
+    batch_tokens: int | None = None
     max_len: int = 768
     lr: float = 5e-4
     min_lr_ratio: float = 0.1
@@ -152,6 +159,9 @@ class TrainConfig:
     moments_dtype: str = "bf16"  # fp32: bit-exact resume; bf16: checkpoint files small enough to carry
     # run control (may change between resumed runs)
     time_budget: float | None = None
+    # with time_budget: once some steps are timed (FIT_PROBE_STEPS, fewer if slow), set `steps`
+    # so that the schedule ends (cosine decayed) when the budget does, not mid-schedule
+    fit_steps_to_time: bool = False
     eval_every: int = 250
     ckpt_every: int = 500
     log_every: int = 10
@@ -168,6 +178,9 @@ class TrainConfig:
             self.w_feat = 0.0 if eagle3 else 1.0
         if eagle3 and self.w_feat:
             raise ValueError("eagle3's features live in a fused space with no regression target; keep w_feat=0")
+        if self.batch_tokens is not None and self.batch_tokens < self.max_len:
+            raise ValueError(f"batch_tokens={self.batch_tokens} holds less than one sequence of max_len={self.max_len}; "
+                             "raise batch_tokens or lower max_len")
         if self.ttt_steps < 1 or self.steps < 0 or self.batch_size < 1 or self.max_len < 4:
             raise ValueError(f"bad config: ttt_steps={self.ttt_steps}, steps={self.steps}, "
                              f"batch_size={self.batch_size}, max_len={self.max_len}")
@@ -281,13 +294,17 @@ class Batch:
 WIDTH_MULTIPLE = 64
 
 
+def padded_width(longest: int, max_len: int) -> int:
+    """A batch's width: its longest sequence rounded up to a multiple of WIDTH_MULTIPLE (at
+    most max_len), so that a run sees a dozen shapes instead of hundreds: fewer allocator
+    misses and kernel-selection misses on the GPU."""
+    return max(longest, min(max_len, -(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE))
+
+
 def make_batch(sequences: Sequences, indices: Sequence[int], max_len: int, device) -> Batch:
-    """Right-padded batch. Its width is rounded up to a multiple of WIDTH_MULTIPLE (at most
-    max_len), so that a run sees a dozen shapes instead of hundreds: fewer allocator misses and
-    kernel-selection misses on the GPU. Padding never reaches the loss (chain_mask)."""
+    """Right-padded batch of width padded_width(...). Padding never reaches the loss (chain_mask)."""
     rows = [sequences.tokens[i][:max_len] for i in indices]
-    longest = max(len(r) for r in rows)
-    width = max(longest, min(max_len, -(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE))
+    width = padded_width(max(len(r) for r in rows), max_len)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     for row, tokens in enumerate(rows):
         ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
@@ -334,6 +351,59 @@ class BatchOrder:
         return out
 
 
+class TokenBudgetOrder:
+    """Batch `step` of a seeded epoch-by-epoch shuffle whose batches hold sequences of similar
+    length, as many as fit `batch_tokens` padded tokens (count x padded width): a pure function
+    of (seed, step), like BatchOrder. Sorting by length within random pools of `pool`
+    sequences keeps the padding small (the training data's lengths spread from tens to
+    max_len tokens) while every batch still mixes sources; the batches are then shuffled."""
+
+    def __init__(self, train_indices: Sequence[int], lengths: Sequence[int], batch_tokens: int, max_len: int,
+                 seed: int, pool: int = 2048) -> None:
+        if not train_indices:
+            raise ValueError("no training sequences (all too short for max_len, or the data folder is empty)")
+        self.indices, self.seed, self.pool = list(train_indices), seed, pool
+        self.width = {i: padded_width(min(lengths[i], max_len), max_len) for i in self.indices}
+        if max(self.width.values()) > batch_tokens:
+            raise ValueError(f"batch_tokens={batch_tokens} holds less than one sequence of width "
+                             f"{max(self.width.values())}; raise batch_tokens or lower max_len")
+        self.batch_tokens = batch_tokens
+        self._starts = [0]  # _starts[e]: the first step of epoch e
+        self._epoch, self._batches = -1, []
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        shuffled = [self.indices[i] for i in torch.randperm(len(self.indices), generator=gen).tolist()]
+        batches = []
+        for begin in range(0, len(shuffled), self.pool):
+            batch, width = [], 0
+            for index in sorted(shuffled[begin:begin + self.pool], key=lambda i: (self.width[i], i)):
+                grown = max(width, self.width[index])
+                if batch and grown * (len(batch) + 1) > self.batch_tokens:
+                    batches.append(batch)
+                    batch, grown = [], self.width[index]
+                batch.append(index)
+                width = grown
+            batches.append(batch)
+        return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+    def __call__(self, step: int) -> list[int]:
+        while step >= self._starts[-1]:
+            self._starts.append(self._starts[-1] + len(self._epoch_batches(len(self._starts) - 1)))
+        epoch = max(e for e in range(len(self._starts)) if self._starts[e] <= step)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
+        return self._batches[step - self._starts[epoch]]
+
+
+def batch_order(sequences: Sequences, train_indices: Sequence[int], config: TrainConfig):
+    """The run's batch order: TokenBudgetOrder when config.batch_tokens is set, else BatchOrder."""
+    if config.batch_tokens is None:
+        return BatchOrder(train_indices, config.batch_size, config.seed)
+    lengths = [len(t) for t in sequences.tokens]
+    return TokenBudgetOrder(train_indices, lengths, config.batch_tokens, config.max_len, config.seed)
+
+
 # ----- the loss ----------------------------------------------------------------------------------
 def _autocast(device: torch.device):
     if device.type == "cuda":
@@ -341,13 +411,31 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def response_targets(target: torch.nn.Module, batch: Batch, final: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The target's next-token distribution at every position some unroll step learns from,
+    computed once per batch: positions q with response_start <= q <= length - 1 (step k's
+    chains s read q = s + k + 1, chain_mask). `index[b, q]` is q's row in the compact tensors
+    (-1 elsewhere); `probs` [n, V] float32, `entropy` [n] and `argmax` [n]."""
+    device = batch.input_ids.device
+    q = torch.arange(batch.input_ids.shape[1], device=device)[None]
+    wanted = (q >= batch.response_start[:, None]) & (q <= batch.lengths[:, None] - 1)
+    rows, cols = wanted.nonzero(as_tuple=True)
+    index = torch.full(wanted.shape, -1, dtype=torch.long, device=device)
+    index[rows, cols] = torch.arange(rows.numel(), device=device)
+    logp = F.linear(final[rows, cols], target.lm_head.weight).float().log_softmax(-1)
+    probs = logp.exp()
+    entropy = -(probs * logp).sum(-1)
+    return {"index": index, "probs": probs, "entropy": entropy, "argmax": logp.argmax(-1)}
+
+
 def distill_loss(target: torch.nn.Module, draft: EagleDraft, batch: Batch, config: TrainConfig,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
     """The training loss on one batch and its parts (detached tensors, so that logging
     them costs no host sync until they are read)."""
     device = batch.input_ids.device
-    lm_head = target.lm_head.weight
     final, layers = target_states(target, batch.input_ids, draft.config.feature_layers)
+    with torch.no_grad():
+        targets = response_targets(target, batch, final)
     with _autocast(device):
         features = step0_features(draft, final, layers)[:, :-1]
         features = add_feature_noise(features, config.noise, generator)
@@ -358,24 +446,20 @@ def distill_loss(target: torch.nn.Module, draft: EagleDraft, batch: Batch, confi
         if rows.numel() == 0:
             continue
         weight = config.ttt_decay**step
-        with torch.no_grad():
-            target_hidden = final[rows, starts + step + 1]
-            target_logits = F.linear(target_hidden, lm_head).float()
-            target_logp = target_logits.log_softmax(-1)
-            target_probs = target_logp.exp()
-            entropy = -(target_probs * target_logp).sum(-1).mean()
+        at = targets["index"][rows, starts + step + 1]  # always >= 0 under chain_mask
+        target_probs = targets["probs"][at]
         with _autocast(device):
             picked = h[rows, starts]
             draft_logp = draft.logits(picked).float().log_softmax(-1)
         ce = -(target_probs * draft_logp).sum(-1).mean()
         loss = config.w_ce * ce
         metrics[f"ce_{step}"] = ce.detach()
-        metrics[f"kl_{step}"] = ce.detach() - entropy  # the part of the CE the draft can still remove
+        metrics[f"kl_{step}"] = ce.detach() - targets["entropy"][at].mean()  # the part of the CE the draft can still remove
         if config.w_feat:
-            feat = F.smooth_l1_loss(picked.float(), target_hidden.float())
+            feat = F.smooth_l1_loss(picked.float(), final[rows, starts + step + 1].float())
             loss = loss + config.w_feat * feat
             metrics[f"feat_{step}"] = feat.detach()
-        metrics[f"acc_{step}"] = (draft_logp.argmax(-1) == target_logits.argmax(-1)).float().mean()
+        metrics[f"acc_{step}"] = (draft_logp.detach().argmax(-1) == targets["argmax"][at]).float().mean()
         total = total + weight * loss
         weight_sum += weight
     if weight_sum == 0:
@@ -666,7 +750,7 @@ def profile_steps(target: torch.nn.Module, data_dir: str | Path, config: TrainCo
     optimizer, _ = make_optimizer(draft, config)
     sequences = sequences if sequences is not None else load_sequences(data_dir)
     train_idx, _ = split_train_eval(sequences, config.max_len, config.eval_sequences)
-    order = BatchOrder(train_idx, config.batch_size, config.seed)
+    order = batch_order(sequences, train_idx, config)
     generator = torch.Generator(device=device).manual_seed(config.seed + 1)
 
     def one_step(step: int) -> None:
@@ -773,7 +857,7 @@ def train(
 
     sequences = sequences if sequences is not None else load_sequences(data_dir)
     train_idx, eval_idx = split_train_eval(sequences, config.max_len, config.eval_sequences)
-    order = BatchOrder(train_idx, config.batch_size, config.seed)
+    order = batch_order(sequences, train_idx, config)
     recipe = _data_recipe(data_dir)
 
     state = {"step": 0, "best_accept_length": -1.0, "best_step": -1, "tokens_seen": 0, "train_seconds": 0.0}
@@ -830,6 +914,7 @@ def train(
     chunk_start, chunk_step0 = time.monotonic(), state["step"]
     window: dict[str, float] = {}
     window_count = 0
+    fitted, probe_start = False, 0.0
     while state["step"] < config.steps:
         batch = make_batch(sequences, order(state["step"]), config.max_len, device)
         loss, parts = distill_loss(target, draft, batch, config, generator)
@@ -854,6 +939,21 @@ def train(
             if bar is not None:
                 bar.set_postfix(loss=f"{means['loss']:.3f}", acc0=f"{means.get('acc_0', float('nan')):.3f}")
             window, window_count = {}, 0
+        if config.fit_steps_to_time and config.time_budget is not None and not fitted:
+            # the first steps (allocator growth, kernel selection) are slower: time the next
+            # FIT_PROBE_STEPS, or as many as a fifth of the budget allows when steps are slow
+            done = state["step"] - chunk_step0
+            if done == FIT_SKIP_STEPS:
+                probe_start = time.monotonic()
+            elif done >= FIT_SKIP_STEPS + FIT_PROBE_STEPS or (
+                    done > FIT_SKIP_STEPS + 1 and time.monotonic() - start_time > 0.2 * config.time_budget):
+                fitted = True
+                rate = (done - FIT_SKIP_STEPS) / max(time.monotonic() - probe_start, 1e-9)
+                left = config.time_budget - (time.monotonic() - start_time) - FIT_RESERVE_SECONDS
+                config.steps = state["step"] + max(1, int(0.95 * rate * max(left, 0.0)))
+                log(f"{rate:.2f} steps/s over {done - FIT_SKIP_STEPS} steps: the schedule now ends at step {config.steps}")
+                if bar is not None:
+                    bar.total = config.steps
         out_of_time = config.time_budget is not None and time.monotonic() - start_time > config.time_budget
         if state["step"] % config.eval_every == 0 or state["step"] == config.steps or out_of_time:
             last_eval = run_eval()

@@ -238,3 +238,18 @@ def test_untrained_on_fewer_prompts_is_set_against_plain_on_those_prompts(monkey
     assert ratio["prompts"] == 2
     assert ratio["tokens_per_second"] == pytest.approx(untrained["tokens_per_second"] / plain_subset["tokens_per_second"])
     assert report["parameters"]["untrained_prompts"] == 2
+
+
+def test_accept_length_until_eos_counts_the_steps_up_to_the_first_stop_token():
+    # tokens[0] from prefill; steps emit 3, 1, 2, 2 tokens: the stop token (7) is the 5th token,
+    # emitted by the third step, so three steps count
+    tokens, accepts = [4, 5, 6, 8, 9, 7, 1, 1, 1], [3, 1, 2, 2]
+    assert end_to_end.steps_until_stop(tokens, accepts, 7) == [3, 1, 2]
+    assert end_to_end.steps_until_stop(tokens, accepts, None) == accepts
+    assert end_to_end.steps_until_stop(tokens, accepts, 99) == accepts  # never emitted
+    assert end_to_end.steps_until_stop([7, 1, 1], [1, 1], 7) == []  # prefill's token was the stop
+    rows = [{"new_tokens": 9, "tokens": tokens, "accept_lengths": accepts, "seconds": 1.0, "decode_seconds": 1.0,
+             "group_decode_seconds": 1.0}]
+    numbers = end_to_end.aggregate(rows, stop_id=7)
+    assert numbers["mean_accept_length"] == 2.0 and numbers["mean_accept_length_until_eos"] == 2.0
+    assert end_to_end.aggregate(rows, stop_id=5)["mean_accept_length_until_eos"] == 3.0

@@ -5,6 +5,7 @@ with MT-Bench kept out."""
 from __future__ import annotations
 
 import json
+import random
 import zlib
 
 import pytest
@@ -222,11 +223,12 @@ def test_checkpoint_round_trips(moments, tmp_path):
             assert torch.equal(a, b), name
 
 
-def test_train_resume_after_time_budget_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("batch_tokens", [None, 40])
+def test_train_resume_after_time_budget_equals_uninterrupted_run(tmp_path, batch_tokens):
     target = _target()
     sequences = _random_sequences(8, 18, prompt=4, seed=2)
-    common = dict(kind="eagle", steps=6, batch_size=2, lr=1e-3, warmup_steps=2, moments_dtype="fp32",
-                  eval_every=3, ckpt_every=100, log_every=1, eval_sequences=1)
+    common = dict(kind="eagle", steps=6, batch_size=2, batch_tokens=batch_tokens, max_len=18, lr=1e-3,
+                  warmup_steps=2, moments_dtype="fp32", eval_every=3, ckpt_every=100, log_every=1, eval_sequences=1)
     quiet = dict(sequences=sequences, progress=False, log=lambda _: None)
     whole = train(target, tmp_path, tmp_path / "whole", TrainConfig(**common), **quiet)
     paused = train(target, tmp_path, tmp_path / "chunks", TrainConfig(**common, time_budget=0.0), **quiet)
@@ -240,6 +242,24 @@ def test_train_resume_after_time_budget_equals_uninterrupted_run(tmp_path):
             assert torch.equal(a[name], b[name]), name
     losses = lambda r: [m["loss"] for m in r.metrics if m["kind"] == "train"]  # noqa: E731
     assert losses(done) == losses(whole)
+
+
+def test_fit_steps_to_time_sets_the_schedule_end_from_the_measured_rate(tmp_path, monkeypatch):
+    target = _target()
+    sequences = _random_sequences(8, 18, prompt=4, seed=2)
+    monkeypatch.setattr(train_module, "FIT_SKIP_STEPS", 2)
+    monkeypatch.setattr(train_module, "FIT_PROBE_STEPS", 3)
+    monkeypatch.setattr(train_module, "FIT_RESERVE_SECONDS", 0.0)
+    lines = []
+    config = TrainConfig(kind="eagle", steps=10**6, batch_size=2, max_len=18, warmup_steps=2, eval_every=10**6,
+                         ckpt_every=10**6, eval_sequences=1, time_budget=2.0, fit_steps_to_time=True)
+    result = train(target, tmp_path, tmp_path / "run", config, sequences=sequences, progress=False, log=lines.append)
+    fitted = [line for line in lines if "the schedule now ends at step" in line]
+    assert len(fitted) == 1, lines
+    end = int(fitted[0].rsplit(" ", 1)[1])
+    assert 5 < end < 10**6 and result.step <= end
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == end and summary["config"]["steps"] == end
 
 
 # ----- data ---------------------------------------------------------------------------------------
@@ -262,6 +282,21 @@ class WordTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return " ".join(f"w{i}" for i in ids if not (skip_special_tokens and i < 3))
+
+
+def test_first_turn_prompts_give_every_template_source_its_count_and_stay_off_mt_bench():
+    counts = draft_data.mix_counts(3000)
+    written = [f"Describe place number {i} in three sentences." for i in range(counts["self_written"])]
+    items = draft_data.first_turn_prompts(counts, written, random.Random(1), draft_data.load_seed_tasks(),
+                                          draft_data.load_gsm8k())
+    got = {source: sum(1 for i in items if i.source == source) for source in draft_data.SOURCES}
+    for source in ("gsm8k", "self_instruct_seed", "self_written", "topic_chat", "text_task", "code", "persona"):
+        assert got[source] == counts[source] > 0, (source, got, counts)
+    texts = [i.user_text() for i in items]
+    assert len(set(t for i, t in zip(items, texts) if i.source in ("topic_chat", "persona"))) == \
+        counts["topic_chat"] + counts["persona"]  # drawn without repeats
+    keep_out = MTBenchFilter.from_file()
+    assert not any(keep_out.overlaps(t) for t in texts)
 
 
 def test_mt_bench_filter_catches_overlap_both_ways():
@@ -396,6 +431,34 @@ def test_batch_width_is_rounded_to_few_shapes_and_padding_never_reaches_the_loss
     loss_padded, _ = distill_loss(target, draft, narrow, config)
     loss_exact, _ = distill_loss(target, draft, exact, config)
     torch.testing.assert_close(loss_padded, loss_exact)
+
+
+def test_token_budget_batches_fit_the_budget_cover_each_epoch_once_and_depend_only_on_seed_and_step():
+    lengths = [random.Random(i).randint(5, 300) for i in range(400)]
+    train_indices = list(range(0, 400, 2))
+    config = TrainConfig(kind="eagle3", batch_tokens=1024, max_len=256, seed=4)
+    order = train_module.TokenBudgetOrder(train_indices, lengths, config.batch_tokens, config.max_len, config.seed, pool=64)
+    seen, step = [], 0
+    while len(seen) < 3 * len(train_indices):
+        batch = order(step)
+        width = train_module.padded_width(max(min(lengths[i], 256) for i in batch), 256)
+        assert width * len(batch) <= 1024, (step, batch)
+        seen += batch
+        step += 1
+    for epoch in range(3):
+        assert sorted(seen[epoch * len(train_indices):(epoch + 1) * len(train_indices)]) == train_indices
+    # the same batches whatever order the steps are asked in (resuming asks for step N first)
+    fresh = train_module.TokenBudgetOrder(train_indices, lengths, 1024, 256, 4, pool=64)
+    assert [fresh(s) for s in reversed(range(step))] == [order(s) for s in reversed(range(step))]
+    other_seed = train_module.TokenBudgetOrder(train_indices, lengths, 1024, 256, 5, pool=64)
+    assert [other_seed(s) for s in range(5)] != [order(s) for s in range(5)]
+    # similar lengths share a batch: far less padding than batches of random sequences
+    padded = sum(train_module.padded_width(max(min(lengths[i], 256) for i in order(s)), 256) * len(order(s))
+                 for s in range(step))
+    real = sum(min(lengths[i], 256) for i in seen)
+    assert padded < 1.3 * real, (padded, real)
+    with pytest.raises(ValueError, match="batch_tokens"):
+        TrainConfig(kind="eagle3", batch_tokens=100, max_len=256)
 
 
 def test_profile_steps_reports_the_costliest_ops():
