@@ -19,7 +19,7 @@ source scripts/gpu_model.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 mkdir -p ~/m/run
 gen() {
-  timeout $(( ${GEN_SECONDS:-150} + 90 )) python3 -m specc.draft.cli --model "$GGUF" --seed "${GEN_SEED:-2}" --steps 0 \
+  timeout $(( ${GEN_SECONDS:-150} + 60 )) python3 -m specc.draft.cli --model "$GGUF" --seed "${GEN_SEED:-2}" --steps 0 \
     --generate-data "${GEN_PROMPTS:-20000}" --gen-batch-size "${GEN_BATCH:-256}" --max-new-tokens 256 \
     --gen-time-budget "${GEN_SECONDS:-150}" --data-dir ~/m/data --no-progress "$@"
 }
@@ -27,7 +27,7 @@ gen() {
   if [ -z "${SKIP_GEN:-}" ]; then
     gen --no-compile || { echo "uncompiled generation failed: compiled engines instead"; GEN_SECONDS=100 GEN_BATCH=64 gen; }
   fi
-  timeout $(( ${TRAIN_SECONDS:-330} + 90 )) python3 -m specc.draft.cli --model "$GGUF" --kind eagle3 \
+  timeout $(( ${TRAIN_SECONDS:-330} + 60 )) python3 -m specc.draft.cli --model "$GGUF" --kind eagle3 \
     --data-dir ~/m/data --out-dir ~/m/run --steps "${TRAIN_STEPS:-100000}" --time-budget "${TRAIN_SECONDS:-330}" \
     --fit-steps-to-time --resume --batch-tokens "${TRAIN_BATCH_TOKENS:-24576}" --max-len 768 --lr "${TRAIN_LR:-5e-4}" \
     --seed 0 --eval-every "${EVAL_EVERY:-200}" ${INIT_FROM:+--init-from "$INIT_FROM"} --no-progress
