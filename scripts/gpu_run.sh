@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU call: install specc, run the GPU tests, the real-model checks and benchmarks.
 # Usage (second of the two model calls in ../shared/GPU.md, carry .gpu2; scripts/gpu_model.sh):
-#   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] ...
+#   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] ...
 # DRAFT=path measures another head than the shipped one (spec, sampling); UNTRAINED_PROMPTS=0
 # skips the untrained-head rows of spec.
 # Everything lands under $OUT; the last lines printed are a short table.
@@ -23,6 +23,8 @@ for job in "$@"; do
               | tee "$OUT/sampling.log" | tail -12 ;;
     systems) specc bench systems --out "$OUT/systems.json" --plots "$OUT" ${SYSTEMS_ARGS:-} 2>&1 \
               | grep --line-buffered -v -i warn | tee "$OUT/systems.log" | tail -40 ;;
+    gap)    specc bench gap --out "$OUT/gap.json" ${DRAFT:+--draft "$DRAFT"} ${GAP_ARGS:-} 2>&1 \
+              | grep --line-buffered -v -i warn | tee "$OUT/gap.log" | tail -12 ;;
     *) echo "unknown job $job" ;;
   esac
 done
