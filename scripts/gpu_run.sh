@@ -23,7 +23,7 @@ for job in "$@"; do
               | tee "$OUT/sampling.log" | tail -12 ;;
     systems) specc bench systems --out "$OUT/systems.json" --plots "$OUT" ${SYSTEMS_ARGS:-} 2>&1 \
               | grep --line-buffered -v -i warn | tee "$OUT/systems.log" | tail -40 ;;
-    gap)    specc bench gap --out "$OUT/gap.json" ${DRAFT:+--draft "$DRAFT"} ${GAP_ARGS:-} 2>&1 \
+    gap)    specc bench gap --out "$OUT/gap.json" --plot "$OUT/gap.png" ${DRAFT:+--draft "$DRAFT"} ${GAP_ARGS:-} 2>&1 \
               | grep --line-buffered -v -i warn | tee "$OUT/gap.log" | tail -12 ;;
     *) echo "unknown job $job" ;;
   esac
