@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -44,7 +45,8 @@ import torch
 import torch.nn.functional as F
 
 import specc
-from specc.bench.common import environment, mt_bench_first_turns
+from specc.bench.common import environment
+from specc.bench.end_to_end import load_prompts
 from specc.draft.train import chain_match_counts, step0_features, target_states, unroll
 
 MODES = ("reference", "triton", "triton_graph", "compiled", "compiled_graph")
@@ -102,6 +104,22 @@ def compare(actual: Sequence[int], predicted: Sequence[int], depth: int) -> dict
     }
 
 
+def judge(model: torch.nn.Module, draft, prompt: Sequence[int], tokens: Sequence[int],
+          accept_lengths: Sequence[int], depth: int) -> tuple[list[int], list[int]]:
+    """(actual, predicted) accept lengths of one decoded sequence: `tokens` the decode's output
+    after `prompt`, `accept_lengths` its steps' (the steps without a prediction left out)."""
+    ids = torch.tensor([list(prompt) + list(tokens)], device=next(model.parameters()).device)
+    predicted = predicted_accepts(teacher_forced_counts(model, draft, ids, depth), len(prompt), accept_lengths, depth)
+    return list(accept_lengths[: len(predicted)]), predicted
+
+
+def pooled(mode: str, rows: list[dict], seconds: float, depth: int) -> dict:
+    """compare() over every row's steps, the rows kept alongside."""
+    actual = [a for row in rows for a in row["actual"]]
+    predicted = [p for row in rows for p in row["predicted"]]
+    return {"mode": mode, "seconds": round(seconds, 1), **compare(actual, predicted, depth), "per_prompt": rows}
+
+
 @contextlib.contextmanager
 def kernels(choice: str) -> Iterator[None]:
     """SPECC_KERNELS set for the duration (lowering/registry.py reads it at call time)."""
@@ -126,22 +144,15 @@ def measure_mode(model: torch.nn.Module, draft, prompts: Sequence[Sequence[int]]
     if graph and not on_gpu:
         raise ValueError(f"mode {mode!r} replays a CUDA graph; it needs the model on a GPU")
     spec = torch.compile(model, backend=specc.backend(draft=draft, tree=f"chain:{depth}"))
-    rows, pooled_actual, pooled_predicted = [], [], []
+    rows = []
     start = time.perf_counter()
     with kernels(choice):
         for index, prompt in enumerate(prompts):
-            options = dict(max_new_tokens=max_new_tokens, compile=compile, cuda_graph=graph, max_seq_len=max_seq_len)
-            out = specc.generate(spec, [prompt], **options)
-            ids = torch.tensor([list(prompt) + out.tokens[0]], device=next(model.parameters()).device)
-            predicted = predicted_accepts(teacher_forced_counts(model, draft, ids, depth), len(prompt),
-                                          out.accept_lengths, depth)
-            actual = out.accept_lengths[: len(predicted)]
-            rows.append({"prompt": index, **compare(actual, predicted, depth),
-                         "actual": actual, "predicted": predicted})
-            pooled_actual += actual
-            pooled_predicted += predicted
-    return {"mode": mode, "seconds": round(time.perf_counter() - start, 1),
-            **compare(pooled_actual, pooled_predicted, depth), "per_prompt": rows}
+            out = specc.generate(spec, [prompt], max_new_tokens=max_new_tokens, compile=compile, cuda_graph=graph,
+                                 max_seq_len=max_seq_len)
+            actual, predicted = judge(model, draft, prompt, out.tokens[0], out.accept_lengths, depth)
+            rows.append({"prompt": index, **compare(actual, predicted, depth), "actual": actual, "predicted": predicted})
+    return pooled(mode, rows, time.perf_counter() - start, depth)
 
 
 def run(model: torch.nn.Module, draft, prompts: Sequence[Sequence[int]], modes: Sequence[str] = MODES,
@@ -176,29 +187,21 @@ def analyse_spec_report(report: dict, model: torch.nn.Module, draft, prompts: Se
         raise ValueError(f"the report has no trained batch-1 configuration of tree {tree!r}")
     plain = {r["index"]: r["tokens"] for c in report["configurations"] if c["decoder"] == "plain"
              for r in c["per_prompt"]}
-    device = next(model.parameters()).device
-    actual_all, predicted_all, rows = [], [], []
+    rows = []
     for row in configs[0]["per_prompt"]:
         if indices is not None and row["index"] not in indices:
             continue
         tokens = row.get("tokens", plain.get(row["index"]))  # the report drops rows equal to plain
-        prompt = list(prompts[row["index"]])
-        ids = torch.tensor([prompt + tokens], device=device)
-        predicted = predicted_accepts(teacher_forced_counts(model, draft, ids, depth), len(prompt),
-                                      row["accept_lengths"], depth)
-        actual = row["accept_lengths"][: len(predicted)]
-        rows.append({"prompt": row["index"], **compare(actual, predicted, depth)})
-        actual_all += actual
-        predicted_all += predicted
-    return {"mode": f"report {tree}", "seconds": 0.0, **compare(actual_all, predicted_all, depth), "per_prompt": rows}
+        actual, predicted = judge(model, draft, prompts[row["index"]], tokens, row["accept_lengths"], depth)
+        rows.append({"prompt": row["index"], **compare(actual, predicted, depth), "actual": actual, "predicted": predicted})
+    return pooled(f"report {tree}", rows, 0.0, depth)
 
 
 def report_prompts(report: dict, tokenizer) -> list[list[int]]:
     """A `specc bench spec` report's prompts as ChatML token ids (its prompt file, MT-Bench by default)."""
     prompt_file = report["parameters"].get("prompt_file")
-    rows = mt_bench_first_turns(None if prompt_file in (None, "MT-Bench") else prompt_file,
-                                limit=report["parameters"]["n_prompts"])
-    return [tokenizer.encode_chat([{"role": "user", "content": r["prompt"]}]) for r in rows]
+    return load_prompts(tokenizer, None if prompt_file in (None, "MT-Bench") else prompt_file,
+                        report["parameters"]["n_prompts"])[1]
 
 
 def plot(results: Sequence[dict], path: str | Path) -> Path | None:
@@ -286,8 +289,8 @@ def cmd_gap(args: argparse.Namespace) -> int:
                                        indices)]
         print(summary_line(results[0]), flush=True)
     else:
-        rows = mt_bench_first_turns()
-        prompts = [tokenizer.encode_chat([{"role": "user", "content": rows[i]["prompt"]}]) for i in indices]
+        every = load_prompts(tokenizer)[1]
+        prompts = [every[i] for i in indices]
         results = run(model, draft, prompts, modes, args.depth, args.max_new_tokens,
                       log=lambda line: print(line, flush=True))
     if args.plot:
@@ -295,15 +298,11 @@ def cmd_gap(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
-            "environment": environment(), "command": " ".join(["specc", "bench", "gap", *(argv_tail())]),
+            "environment": environment(), "command": shlex.join(sys.argv),
             "draft": str(args.draft or default_draft_path()), "dtype": str(dtype), "prompts": indices,
             "depth": args.depth, "max_new_tokens": args.max_new_tokens, "from_spec": args.from_spec,
             "results": results}, indent=1))
     return 0
-
-
-def argv_tail() -> list[str]:
-    return sys.argv[sys.argv.index("gap") + 1:] if "gap" in sys.argv else sys.argv[1:]
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ from metrics.jsonl (when matplotlib was missing on the GPU machine, plots are sk
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import math
@@ -362,9 +363,11 @@ class TokenBudgetOrder:
         return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
     def __call__(self, step: int) -> list[int]:
-        while step >= self._starts[-1]:
-            self._starts.append(self._starts[-1] + len(self._epoch_batches(len(self._starts) - 1)))
-        epoch = max(e for e in range(len(self._starts)) if self._starts[e] <= step)
+        while step >= self._starts[-1]:  # count the epochs up to `step`, keeping the last one's batches
+            epoch = len(self._starts) - 1
+            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
+            self._starts.append(self._starts[-1] + len(self._batches))
+        epoch = bisect.bisect_right(self._starts, step) - 1
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, self._epoch_batches(epoch)
         return self._batches[step - self._starts[epoch]]
