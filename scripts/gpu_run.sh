@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One lent-GPU call: install specc, run the GPU tests, the real-model checks and benchmarks.
 # Usage (second of the two model calls in ../shared/GPU.md, carry .gpu2; scripts/gpu_model.sh):
-#   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] ...
+#   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] [step_diff] ...
 # DRAFT=path measures another head than the shipped one (spec, sampling); UNTRAINED_PROMPTS=0
-# skips the untrained-head rows of spec.
+# skips the untrained-head rows of spec. TAG=_x suffixes the gap and step_diff files.
 # Everything lands under $OUT; the last lines printed are a short table.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -23,8 +23,10 @@ for job in "$@"; do
               | tee "$OUT/sampling.log" | tail -12 ;;
     systems) specc bench systems --out "$OUT/systems.json" --plots "$OUT" ${SYSTEMS_ARGS:-} 2>&1 \
               | grep --line-buffered -v -i warn | tee "$OUT/systems.log" | tail -40 ;;
-    gap)    specc bench gap --out "$OUT/gap.json" --plot "$OUT/gap.png" ${DRAFT:+--draft "$DRAFT"} ${GAP_ARGS:-} 2>&1 \
-              | grep --line-buffered -v -i warn | tee "$OUT/gap.log" | tail -12 ;;
+    gap)    specc bench gap --out "$OUT/gap${TAG:-}.json" --plot "$OUT/gap${TAG:-}.png" ${DRAFT:+--draft "$DRAFT"} ${GAP_ARGS:-} 2>&1 \
+              | grep --line-buffered -v -i warn | tee "$OUT/gap${TAG:-}.log" | tail -12 ;;
+    step_diff) specc bench step-diff --out "$OUT/step_diff${TAG:-}.json" ${DRAFT:+--draft "$DRAFT"} ${STEP_DIFF_ARGS:---b triton,triton_graph,compiled,compiled_graph} 2>&1 \
+              | grep --line-buffered -v -i warn | tee "$OUT/step_diff${TAG:-}.log" | grep --line-buffered -E "^(---|accept)" ;;
     *) echo "unknown job $job" ;;
   esac
 done

@@ -13,6 +13,7 @@ This measures it per implementation of the same step, on MT-Bench first turns:
   reference        uncompiled, the specc ops as their PyTorch references (SPECC_KERNELS)
   triton           uncompiled, the specc ops as Triton kernels (the same as reference on CPU)
   triton_graph     uncompiled, Triton kernels, the step replayed from a CUDA graph
+  compiled_reference  Inductor-compiled prefill and step, the specc ops as their references
   compiled         Inductor-compiled prefill and step, no CUDA graph
   compiled_graph   Inductor-compiled and CUDA graph: what `specc generate` and `specc bench spec` run
 and reports, per mode, the mean actual and predicted accept length, the share of steps whose
@@ -45,15 +46,16 @@ import torch
 import torch.nn.functional as F
 
 import specc
-from specc.bench.common import environment
+from specc.bench.common import changed_weights, environment, weights_checksums
 from specc.bench.end_to_end import load_prompts
 from specc.draft.train import chain_match_counts, step0_features, target_states, unroll
 
-MODES = ("reference", "triton", "triton_graph", "compiled", "compiled_graph")
+MODES = ("reference", "triton", "triton_graph", "compiled_reference", "compiled", "compiled_graph")
 _MODE_SETTINGS = {  # kernels, compile, cuda_graph
     "reference": ("reference", False, False),
     "triton": ("triton", False, False),
     "triton_graph": ("triton", False, True),
+    "compiled_reference": ("reference", True, False),
     "compiled": ("triton", True, False),
     "compiled_graph": ("triton", True, True),
 }
@@ -146,13 +148,18 @@ def measure_mode(model: torch.nn.Module, draft, prompts: Sequence[Sequence[int]]
     spec = torch.compile(model, backend=specc.backend(draft=draft, tree=f"chain:{depth}"))
     rows = []
     start = time.perf_counter()
+    # The predictions use the in-memory weights too, so a decode that wrote into them would
+    # not show as a gap: say so separately.
+    before = weights_checksums(model), weights_checksums(draft)
     with kernels(choice):
         for index, prompt in enumerate(prompts):
             out = specc.generate(spec, [prompt], max_new_tokens=max_new_tokens, compile=compile, cuda_graph=graph,
                                  max_seq_len=max_seq_len)
             actual, predicted = judge(model, draft, prompt, out.tokens[0], out.accept_lengths, depth)
             rows.append({"prompt": index, **compare(actual, predicted, depth), "actual": actual, "predicted": predicted})
-    return pooled(mode, rows, time.perf_counter() - start, depth)
+    changed = ([f"target.{n}" for n in changed_weights(before[0], weights_checksums(model))]
+               + [f"draft.{n}" for n in changed_weights(before[1], weights_checksums(draft))])
+    return {**pooled(mode, rows, time.perf_counter() - start, depth), "weights_changed": changed}
 
 
 def run(model: torch.nn.Module, draft, prompts: Sequence[Sequence[int]], modes: Sequence[str] = MODES,
@@ -234,7 +241,8 @@ def summary_line(result: dict) -> str:
     rates = lambda key: "[" + ", ".join("-" if r is None else f"{r:.2f}" for r in result[key]) + "]"  # noqa: E731
     return (f"{result['mode']:<15} accept {result['mean_actual']:.3f} vs predicted {result['mean_predicted']:.3f}; "
             f"{result['equal_share']:.0%} of {result['steps']} steps as predicted; P(d | d-1) actual "
-            f"{rates('rate_by_depth_actual')} predicted {rates('rate_by_depth_predicted')} ({result['seconds']} s)")
+            f"{rates('rate_by_depth_actual')} predicted {rates('rate_by_depth_predicted')} ({result['seconds']} s)"
+            + (f"; WEIGHTS CHANGED: {', '.join(result['weights_changed'][:4])}" if result.get("weights_changed") else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

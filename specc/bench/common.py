@@ -111,3 +111,23 @@ def first_divergence(model, prompt: list[int], ours: list[int], theirs: list[int
             return {"index": index, "ours": a, "reference": b, "top2_margin": float(top.values[0] - top.values[1]),
                     "logit_gap_between_the_two": float(logits[b] - logits[a])}
     return None
+
+
+def weights_checksums(module: torch.nn.Module) -> dict[str, int]:
+    """An exact integer checksum of every parameter and buffer (their bits summed as integers),
+    so that a benchmark can say whether anything it ran wrote into the weights: a stray kernel
+    write changes the sum of the tensor it lands in."""
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    sums = {}
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            flat = tensor.detach().contiguous().view(-1)
+            as_int = flat.view(bits[flat.element_size()]) if flat.is_floating_point() else flat
+            sums[name] = as_int.sum(dtype=torch.int64)
+        return dict(zip(sums, torch.stack(list(sums.values())).tolist())) if sums else {}
+
+
+def changed_weights(before: dict[str, int], after: dict[str, int]) -> list[str]:
+    """The names whose checksum differs (or that appeared or vanished)."""
+    return sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))

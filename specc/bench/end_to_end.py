@@ -44,7 +44,8 @@ from pathlib import Path
 import torch
 
 import specc
-from specc.bench.common import environment, first_divergence, hf_greedy, mt_bench_first_turns
+from specc.bench.common import (changed_weights, environment, first_divergence, hf_greedy, mt_bench_first_turns,
+                                weights_checksums)
 from specc.generate import cache_positions_needed, tree_plan
 
 DEFAULT_TREES = ("eagle", "chain:6", "dynamic:8,8,64")
@@ -274,6 +275,8 @@ class _Bench:
             line += f", {config['equal_to_plain']}/{config['compared']} equal to plain"
         if config.get("compile_and_warmup_seconds") is not None:
             line += f", compile+warm-up {config['compile_and_warmup_seconds']:.1f}s"
+        if config.get("weights_changed"):
+            line += f", WEIGHTS CHANGED ({len(config['weights_changed'])} tensors)"
         return line
 
 
@@ -531,7 +534,20 @@ def _measure_all(bench: _Bench, report: dict, draft, trees, tree_names, batch_si
                  untrained: dict[str, torch.Tensor] | None, out, untrained_prompts: int | None = None) -> None:
     """HF, then per batch size plain and each tree with the head, then (given its weights) the
     untrained head in the same engines; the report is saved after each configuration."""
-    def add(config: dict) -> None:
+    target_sums = weights_checksums(bench.model)
+    draft_sums = weights_checksums(draft)
+
+    def add(config: dict, draft_swapped: bool = False) -> None:
+        # Nothing a decode runs may write into the weights; a stray write (a kernel given a
+        # position outside its cache) would corrupt every configuration measured after it.
+        changed = [f"target.{n}" for n in changed_weights(target_sums, weights_checksums(bench.model))]
+        if not draft_swapped:
+            changed += [f"draft.{n}" for n in changed_weights(draft_sums, weights_checksums(draft))]
+        config["weights_changed"] = changed
+        if changed:
+            print(f"WARNING: after {_label(config)} the weights differ from the run's start: {', '.join(changed[:8])}"
+                  f"{' ...' if len(changed) > 8 else ''}; this and later configurations ran other weights",
+                  file=sys.stderr, flush=True)
         report["configurations"].append(config)
         report["ratios"] = ratios(report["configurations"], hf_indices, bench.stop_id)
         print(bench.report_line(config), file=sys.stderr, flush=True)
@@ -553,7 +569,7 @@ def _measure_all(bench: _Bench, report: dict, draft, trees, tree_names, batch_si
             for batch in batch_sizes:
                 for name, compiled in zip(tree_names, spec_compiled):
                     add(_spec(bench, compiled, name, "untrained", batch, plain_by_batch[batch], warm_up=False,
-                              n_prompts=untrained_prompts))
+                              n_prompts=untrained_prompts), draft_swapped=True)
     # HF eager last: the slowest and least needed part of a run cut short by a time limit
     if hf_indices:
         add(bench.hf(hf_model, hf_indices))

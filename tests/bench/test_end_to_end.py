@@ -253,3 +253,30 @@ def test_accept_length_until_eos_counts_the_steps_up_to_the_first_stop_token():
     numbers = end_to_end.aggregate(rows, stop_id=7)
     assert numbers["mean_accept_length"] == 2.0 and numbers["mean_accept_length_until_eos"] == 2.0
     assert end_to_end.aggregate(rows, stop_id=5)["mean_accept_length_until_eos"] == 3.0
+
+
+def test_every_configuration_says_the_weights_were_left_alone(measured):
+    # the untrained configurations ran a swapped-in draft (only the target is checked there); the
+    # restore is checked by the configuration after them
+    assert all(config["weights_changed"] == [] for config in measured["report"]["configurations"])
+
+
+def test_a_decode_that_writes_into_the_weights_is_reported_from_that_configuration_on(monkeypatch):
+    target = reference_llama(SMALL, seed=7)
+    draft = _draft(target)
+    honest = end_to_end._Bench.generate
+
+    def corrupting(self, compiled, indices, max_new_tokens):
+        out = honest(self, compiled, indices, max_new_tokens)
+        if "chain" in str(getattr(compiled, "_specc_capture", (None, None))[1]):
+            with torch.no_grad():
+                draft.layer.mlp.down_proj.weight.view(-1)[-1] += 1.0  # a stray write past a buffer's start
+        return out
+
+    monkeypatch.setattr(end_to_end._Bench, "generate", corrupting)
+    report = end_to_end.run(target, prompts=PROMPTS[:1], draft=draft, trees=["dynamic:3,3,8", "chain:3"],
+                            batch_sizes=[1], max_new_tokens=4, hf_prompts=0, compile=False, command="test",
+                            progress=False)
+    changed = {config["tree"]: config["weights_changed"] for config in report["configurations"]}
+    assert changed[None] == [] and changed["dynamic:3,3,8"] == []
+    assert changed["chain:3"] == ["draft.layer.mlp.down_proj.weight"]
