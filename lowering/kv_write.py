@@ -6,6 +6,9 @@
 all layers, so that commit (commit_kv.py) moves an accepted path in one launch. Tree nodes
 are written at cache_len + node index; commit later moves the accepted ones into place.
 The op mutates `cache` in place: Inductor re-inplaces it, so no copy of the cache is made.
+Positions must lie in [0, S). Outside it the two implementations part: the kernel drops the
+write, the reference raises past the end and wraps a negative position. A step from a defined
+state never produces one (specc.generate starts the CUDA-graph warm-up at cache_len = slots).
 """
 
 from __future__ import annotations

@@ -47,9 +47,10 @@ def kv_write_kernel(
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
     position = tl.load(cache_len_ptr + b).to(tl.int32) + t
-    # Positions past the cache's end are dropped rather than written out of bounds (the
-    # reference raises there; a device kernel cannot).
-    ok = ((t < steps) & (position < capacity))[:, None] & (d < HEAD_DIM)[None, :]
+    # Positions outside [0, S) are dropped rather than written out of bounds (the reference
+    # raises past the end; a device kernel cannot). A negative position would land in the
+    # previous head's row or, for b = h = 0, in whatever memory precedes the cache.
+    ok = ((t < steps) & (position >= 0) & (position < capacity))[:, None] & (d < HEAD_DIM)[None, :]
     x = tl.load(new_ptr + b * stride_nb + h * stride_nh + t[:, None] * stride_nt + d[None, :] * stride_nd, mask=ok)
     tl.store(
         cache_ptr + b * stride_cb + h * stride_ch + position[:, None] * stride_cs + d[None, :],

@@ -132,7 +132,8 @@ def tree_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         pos = start + n
-        key_ok = pos < hi
+        # pos >= 0: a negative cache_len (a state no real step has) must not read before the cache
+        key_ok = (pos < hi) & (pos >= 0)
         kv_mask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + pos[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + pos[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)

@@ -154,6 +154,12 @@ class Engine:
             prefill = torch.compile(prefill, fullgraph=True, dynamic=True, backend=prefill_backend)
             step = torch.compile(step, fullgraph=True, dynamic=False, backend=step_backend)
         self.buffers = DecodeBuffers(k_cache, v_cache, program.vocab_size, extra)
+        if key.tree is not None:
+            # The CUDA graph's warm-up steps run before any prompt is loaded. From the zero state
+            # (cache_len 0, pending_count 1) the catch-up would write the draft cache at position
+            # -1, i.e. outside it; cache_len = slots makes it a state the step is defined on
+            # (cache_len >= pending_count). load_prompts resets it.
+            self.buffers.cache_len.fill_(slots)
         with torch.no_grad():
             self.loop = DecodeLoop(prefill, step, self.buffers, use_cuda_graph=key.cuda_graph)
 

@@ -131,3 +131,36 @@ def test_plain_sampling_draws_from_the_shaped_softmax(temperature, top_k, top_p)
     assert first[probs == 0].sum() == 0, "a token outside top-k / top-p was sampled"
     statistic, threshold, _ = chi_square(first, probs)
     assert statistic < threshold
+
+
+@pytest.mark.parametrize("tree", ["chain:3", "eagle", "dynamic:3,3,8"])
+def test_a_fresh_speculative_engine_steps_from_a_state_with_no_negative_cache_position(tree, monkeypatch):
+    # The CUDA graph's warm-up steps run on the engine's buffers before any prompt is loaded;
+    # from the zero state the draft's catch-up once wrote position cache_len - pending_count = -1,
+    # which the Triton kernel turned into a write before the cache's memory.
+    from specc.draft.eagle import DraftConfig, EagleDraft
+    from specc.generate import Engine, EngineKey, target_program, tree_plan
+    from specc.lowering import kv_write
+    from specc.passes.decode_step import Sampling
+    from tests.strategies import seeded_weights
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    target = reference_llama(config, seed=1)
+    draft = seeded_weights(EagleDraft(DraftConfig.for_target(config)), 2).attach_to(target).eval()
+    program, backend = target_program(torch.compile(target, backend=specc.backend(draft=draft, tree=tree)))
+    key = EngineKey(batch=2, max_seq_len=64, sampling=Sampling(0.0, 0, 1.0), compile=False, cuda_graph=False,
+                    tree=tree_plan(tree))
+    engine = Engine(program, key, draft)
+    written = []
+    honest = kv_write.kv_write_reference
+
+    def recording(cache, layer, new, cache_len):
+        written.append(int(cache_len.min()))
+        honest(cache, layer, new, cache_len)
+
+    monkeypatch.setattr(kv_write, "kv_write_reference", recording)
+    with torch.no_grad():
+        for _ in range(3):  # what StepGraph's warm-up does
+            engine.loop._eager_step(*engine.buffers.step_args())
+    assert written and min(written) >= 0, written

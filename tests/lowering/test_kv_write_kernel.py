@@ -77,6 +77,22 @@ def test_kv_write_kernel_drops_positions_past_the_cache_end_and_touches_nothing_
 
 
 @interpreted
+def test_kv_write_kernel_drops_negative_positions_and_touches_nothing_before_the_cache():
+    # A cache_len below the number of new tokens' offset gives negative positions (a state no
+    # real step has, but a CUDA-graph warm-up from zeros once did): position -1 of sequence 0,
+    # head 0 is the memory before the cache. The cache is a view whose first two rows per head
+    # are a guard.
+    gen = torch.Generator().manual_seed(6)
+    storage = torch.randn(1, 1, 2, 12, 8, generator=gen)
+    cache = storage[:, :, :, 2:]
+    guard = storage[:, :, :, :2].clone()
+    new = torch.randn(1, 2, 4, 8, generator=gen)
+    kv_write_triton(cache, 0, new, torch.tensor([-2]))  # positions -2..1: only 0 and 1 land
+    assert torch.equal(storage[:, :, :, :2], guard)
+    assert torch.equal(cache[0, 0, :, :2], new[0, :, 2:])
+
+
+@interpreted
 def test_kv_write_kernel_source_is_listed_after_a_write():
     cache = torch.randn(1, 1, 1, 6, 8)
     kv_write_triton(cache, 0, torch.randn(1, 1, 3, 8), torch.tensor([1]))

@@ -159,6 +159,26 @@ def test_tree_attention_kernel_row_seeing_only_itself_returns_its_value():
 
 
 @interpreted
+def test_a_negative_cache_len_reads_nothing_before_the_cache():
+    # cache_len = -1 puts tree node 0 at position -1: the memory before the cache for b = h = 0.
+    # There K is 0 and V is 1e4 here; had the kernel read it, the rows that see node 0 would
+    # carry a large share of 1e4. Node j >= 1 is at position j - 1 and is read as usual, so every
+    # output is a mix of the cache's own V (|V| < 10).
+    gen = torch.Generator().manual_seed(4)
+    steps, head_dim = 3, 8
+    storage = torch.zeros(2, 1, 1, 9, head_dim)
+    storage[0, ..., 1:, :] = torch.randn(1, 1, 8, head_dim, generator=gen)
+    storage[1, ..., 1:, :] = torch.randn(1, 1, 8, head_dim, generator=gen)
+    storage[1, ..., 0, :] = 1e4
+    k_cache, v_cache = storage[0:1, ..., 1:, :], storage[1:2, ..., 1:, :]
+    q = torch.randn(1, 2, steps, head_dim, generator=gen)
+    causal = torch.ones(1, steps, steps, dtype=torch.bool).tril()
+    for num_splits in (0, 2):
+        out = run_kernel(q, k_cache, v_cache, 0, torch.tensor([-1]), causal, 0.3, num_splits=num_splits)
+        assert out.abs().max() < 10, (num_splits, out.abs().max())
+
+
+@interpreted
 def test_kernel_output_is_laid_out_like_q_and_listed_in_generated_sources():
     # Without out=, the result has torch.empty_like(q)'s strides, as the fake implementation says.
     q = torch.randn(1, 3, 2, 24).transpose(1, 2)  # [B, Hq, T, D] view of a [B, T, Hq, D] tensor
