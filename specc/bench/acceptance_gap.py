@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import specc
-from specc.bench.common import changed_weights, environment, weights_checksums
+from specc.bench.common import WeightsWatch, environment
 from specc.bench.end_to_end import load_prompts
 from specc.draft.train import chain_match_counts, step0_features, target_states, unroll
 
@@ -150,16 +150,14 @@ def measure_mode(model: torch.nn.Module, draft, prompts: Sequence[Sequence[int]]
     start = time.perf_counter()
     # The predictions use the in-memory weights too, so a decode that wrote into them would
     # not show as a gap: say so separately.
-    before = weights_checksums(model), weights_checksums(draft)
+    weights = WeightsWatch(model, draft)
     with kernels(choice):
         for index, prompt in enumerate(prompts):
             out = specc.generate(spec, [prompt], max_new_tokens=max_new_tokens, compile=compile, cuda_graph=graph,
                                  max_seq_len=max_seq_len)
             actual, predicted = judge(model, draft, prompt, out.tokens[0], out.accept_lengths, depth)
             rows.append({"prompt": index, **compare(actual, predicted, depth), "actual": actual, "predicted": predicted})
-    changed = ([f"target.{n}" for n in changed_weights(before[0], weights_checksums(model))]
-               + [f"draft.{n}" for n in changed_weights(before[1], weights_checksums(draft))])
-    return {**pooled(mode, rows, time.perf_counter() - start, depth), "weights_changed": changed}
+    return {**pooled(mode, rows, time.perf_counter() - start, depth), "weights_changed": weights.changed()}
 
 
 def run(model: torch.nn.Module, draft, prompts: Sequence[Sequence[int]], modes: Sequence[str] = MODES,

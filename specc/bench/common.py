@@ -131,3 +131,18 @@ def weights_checksums(module: torch.nn.Module) -> dict[str, int]:
 def changed_weights(before: dict[str, int], after: dict[str, int]) -> list[str]:
     """The names whose checksum differs (or that appeared or vanished)."""
     return sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))
+
+
+class WeightsWatch:
+    """The target's and the draft's weights' checksums when made; `changed()` names the tensors
+    ("target.<name>", "draft.<name>") that differ now."""
+
+    def __init__(self, target: torch.nn.Module, draft: object = None) -> None:
+        # a draft that is no nn.Module has no weights to watch
+        self.modules = {"target": target, **({"draft": draft} if isinstance(draft, torch.nn.Module) else {})}
+        self.sums = {key: weights_checksums(module) for key, module in self.modules.items()}
+
+    def changed(self, draft: bool = True) -> list[str]:
+        """draft=False: the target only (while another head is swapped into the draft on purpose)."""
+        return [f"{key}.{name}" for key, module in self.modules.items() if draft or key != "draft"
+                for name in changed_weights(self.sums[key], weights_checksums(module))]

@@ -44,8 +44,7 @@ from pathlib import Path
 import torch
 
 import specc
-from specc.bench.common import (changed_weights, environment, first_divergence, hf_greedy, mt_bench_first_turns,
-                                weights_checksums)
+from specc.bench.common import WeightsWatch, environment, first_divergence, hf_greedy, mt_bench_first_turns
 from specc.generate import cache_positions_needed, tree_plan
 
 DEFAULT_TREES = ("eagle", "chain:6", "dynamic:8,8,64")
@@ -534,15 +533,12 @@ def _measure_all(bench: _Bench, report: dict, draft, trees, tree_names, batch_si
                  untrained: dict[str, torch.Tensor] | None, out, untrained_prompts: int | None = None) -> None:
     """HF, then per batch size plain and each tree with the head, then (given its weights) the
     untrained head in the same engines; the report is saved after each configuration."""
-    target_sums = weights_checksums(bench.model)
-    draft_sums = weights_checksums(draft)
+    weights = WeightsWatch(bench.model, draft)
 
     def add(config: dict, draft_swapped: bool = False) -> None:
         # Nothing a decode runs may write into the weights; a stray write (a kernel given a
         # position outside its cache) would corrupt every configuration measured after it.
-        changed = [f"target.{n}" for n in changed_weights(target_sums, weights_checksums(bench.model))]
-        if not draft_swapped:
-            changed += [f"draft.{n}" for n in changed_weights(draft_sums, weights_checksums(draft))]
+        changed = weights.changed(draft=not draft_swapped)
         config["weights_changed"] = changed
         if changed:
             print(f"WARNING: after {_label(config)} the weights differ from the run's start: {', '.join(changed[:8])}"

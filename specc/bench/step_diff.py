@@ -38,7 +38,7 @@ import torch
 
 import specc
 from specc.bench.acceptance_gap import _MODE_SETTINGS, MODES, kernels
-from specc.bench.common import changed_weights, environment, weights_checksums
+from specc.bench.common import WeightsWatch, environment
 from specc.passes.decode_step import Sampling
 
 STATE = ("tokens", "cache_len", "k_cache", "v_cache", "seeds", "draft_k", "draft_v",
@@ -120,15 +120,10 @@ def run(model: torch.nn.Module, draft, prompt: Sequence[int], mode_a: str = "ref
     tolerance = tolerance if tolerance is not None else (1e-3 if dtype == torch.float32 else 0.1)
     max_seq_len = 256 * -(-cache_positions_needed(len(prompt), steps, tree_plan(tree)) // 256)
     spec = torch.compile(model, backend=specc.backend(draft=draft, tree=tree))
-    sums = weights_checksums(model), weights_checksums(draft)
+    weights = WeightsWatch(model, draft)
     a = Side(spec, mode_a, tree, max_seq_len)
     b = Side(spec, mode_b, tree, max_seq_len)  # a CUDA-graph side runs its warm-up steps here
-
-    def weights_changed() -> list[str]:
-        return ([f"target.{n}" for n in changed_weights(sums[0], weights_checksums(model))]
-                + [f"draft.{n}" for n in changed_weights(sums[1], weights_checksums(draft))])
-
-    after_build = weights_changed()
+    after_build = weights.changed()
     if after_build:
         log(f"WEIGHTS CHANGED while building the engines: {', '.join(after_build)}")
     prefill = []  # (logits, features) of the first token, A's then B's
@@ -163,7 +158,7 @@ def run(model: torch.nn.Module, draft, prompt: Sequence[int], mode_a: str = "ref
             break
     return {"mode_a": mode_a, "mode_b": mode_b, "tree": tree, "dtype": str(dtype), "tolerance": tolerance,
             "prompt_len": len(prompt), "weights_changed_by_engine_build": after_build,
-            "weights_changed_by_the_end": weights_changed(), "prefill": prefill_row, "steps": rows,
+            "weights_changed_by_the_end": weights.changed(), "prefill": prefill_row, "steps": rows,
             "accept_a": sum(r["n_out"][0] for r in rows) / len(rows), "accept_b": sum(r["n_out"][1] for r in rows) / len(rows),
             "steps_tokens_equal": sum(r["tokens_equal"] for r in rows)}
 
