@@ -257,6 +257,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--depth", type=int, default=6, help="the chain drafted (chain:DEPTH)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated among {','.join(MODES)}")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="one cache length for every prompt, as `specc bench spec` uses (default: sized per prompt)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--from-spec", default=None, metavar="SPEC_JSON",
@@ -297,7 +299,7 @@ def cmd_gap(args: argparse.Namespace) -> int:
     else:
         every = load_prompts(tokenizer)[1]
         prompts = [every[i] for i in indices]
-        results = run(model, draft, prompts, modes, args.depth, args.max_new_tokens,
+        results = run(model, draft, prompts, modes, args.depth, args.max_new_tokens, args.max_seq_len,
                       log=lambda line: print(line, flush=True))
     if args.plot:
         plot(results, args.plot)
@@ -306,7 +308,8 @@ def cmd_gap(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps({
             "environment": environment(), "command": shlex.join(sys.argv),
             "draft": str(args.draft or default_draft_path()), "dtype": str(dtype), "prompts": indices,
-            "depth": args.depth, "max_new_tokens": args.max_new_tokens, "from_spec": args.from_spec,
+            "depth": args.depth, "max_new_tokens": args.max_new_tokens, "max_seq_len": args.max_seq_len,
+            "from_spec": args.from_spec,
             "results": results}, indent=1))
     return 0
 
