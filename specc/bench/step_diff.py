@@ -114,11 +114,11 @@ def run(model: torch.nn.Module, draft, prompt: Sequence[int], mode_a: str = "ref
         tree: str = "chain:6", steps: int = 24, stop_ids: Sequence[int] = (), tolerance: float | None = None,
         log=print) -> dict:
     """Step A and B from A's state `steps` times; per step, what differs (module docstring)."""
-    from specc.generate import cache_positions_needed, tree_plan
+    from specc.generate import _default_max_seq_len, tree_plan
 
     dtype = next(model.parameters()).dtype
     tolerance = tolerance if tolerance is not None else (1e-3 if dtype == torch.float32 else 0.1)
-    max_seq_len = 256 * -(-cache_positions_needed(len(prompt), steps, tree_plan(tree)) // 256)
+    max_seq_len = _default_max_seq_len([list(prompt)], steps, tree_plan(tree))  # what specc.generate would size
     spec = torch.compile(model, backend=specc.backend(draft=draft, tree=tree))
     weights = WeightsWatch(model, draft)
     a = Side(spec, mode_a, tree, max_seq_len)
