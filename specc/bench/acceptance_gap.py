@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import specc
-from specc.bench.common import WeightsWatch, environment
+from specc.bench.common import WeightsWatch, environment, read_report
 from specc.bench.end_to_end import load_prompts
 from specc.draft.train import chain_match_counts, step0_features, target_states, unroll
 
@@ -262,7 +262,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--from-spec", default=None, metavar="SPEC_JSON",
-                        help="analyse a `specc bench spec` report's chain configuration instead of decoding")
+                        help="analyse a `specc bench spec` report's (.json or .json.xz) chain configuration instead of decoding")
     parser.add_argument("--tree", default=None, help="with --from-spec: the chain configuration, e.g. chain:6")
     parser.add_argument("--out", default=None, help="JSON report")
     parser.add_argument("--plot", default=None, help="write the per-depth acceptance plot here (PNG)")
@@ -292,7 +292,7 @@ def cmd_gap(args: argparse.Namespace) -> int:
     draft = load_draft(args.draft or default_draft_path(), model)
     indices = [int(i) for i in args.prompts.split(",")]
     if args.from_spec:
-        report = json.loads(Path(args.from_spec).read_text())
+        report = read_report(args.from_spec)
         results = [analyse_spec_report(report, model, draft, report_prompts(report, tokenizer), args.tree or "chain:6",
                                        indices)]
         print(summary_line(results[0]), flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import lzma
 import platform
 import statistics
 from importlib import resources
@@ -29,6 +30,16 @@ def mt_bench_first_turns(path: str | Path | None = None, limit: int | None = Non
         seen[category] = seen.get(category, 0) + 1
         rows.append({"id": item.get("question_id", len(rows)), "category": category, "prompt": item["turns"][0]})
     return rows[:limit] if limit else rows
+
+
+def read_report(path: str | Path) -> dict:
+    """A benchmark's JSON report, plain or xz-compressed (`.json.xz`: how results/ keeps the large
+    end-to-end reports, whose per-prompt tokens compress about 20-fold)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no report at {path}; give the path of a `specc bench` JSON (or .json.xz)")
+    data = path.read_bytes()
+    return json.loads(lzma.decompress(data) if path.suffix == ".xz" else data)
 
 
 def environment() -> dict:

@@ -90,11 +90,35 @@ def _check_config(dtype_name: str, dtype, tree, rows, max_new_tokens: int, draft
     return section
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_CONFIGS = "bf16:eagle;fp32:eagle;bf16:dynamic:8,6,48"
+
+
+def parse_configs(text: str) -> tuple[tuple[str, str], ...]:
+    """'fp32:eagle;bf16:dynamic:8,6,48' -> (("fp32", "eagle"), ("bf16", "dynamic:8,6,48")): a dtype,
+    then the tree as `specc generate --tree` takes it (commas belong to the tree)."""
+    configs = []
+    for item in (part.strip() for part in text.split(";")):
+        if not item:
+            continue
+        dtype, _, tree = item.partition(":")
+        if dtype not in DTYPES or not tree:
+            raise ValueError(f"check config {item!r}: write DTYPE:TREE with DTYPE one of {', '.join(DTYPES)}, "
+                             f"e.g. 'fp32:eagle;bf16:dynamic:8,6,48'")
+        configs.append((dtype, tree))
+    if not configs:
+        raise ValueError(f"no check configs in {text!r}; e.g. '{DEFAULT_CONFIGS}'")
+    return tuple(configs)
+
+
 def run(draft_path: str | None = None, n_prompts: int = 8, max_new_tokens: int = 64,
-        configs=(("bf16", "eagle"), ("fp32", "eagle"), ("bf16", "dynamic:8,6,48")), out: str | None = None) -> dict:
-    """Each (dtype, tree) config in turn; the report is written after each, so a run cut short
-    by its time limit keeps what it finished."""
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        configs: str | tuple = DEFAULT_CONFIGS, out: str | None = None) -> dict:
+    """Each (dtype, tree) config in turn (a tuple of pairs, or the string form of
+    `parse_configs`); the report is written after each, so a run cut short by its time limit
+    keeps what it finished."""
+    if isinstance(configs, str):
+        configs = parse_configs(configs)
+    dtypes = DTYPES
     rows = mt_bench_first_turns(per_category=1)[:n_prompts]
     report = {"environment": environment(), "draft": draft_path or "untrained (random init)",
               "n_prompts": len(rows), "max_new_tokens": max_new_tokens, "configs": []}
