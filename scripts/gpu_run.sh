@@ -3,7 +3,7 @@
 # Usage (second of the two model calls in ../shared/GPU.md, carry .gpu2; scripts/gpu_model.sh):
 #   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] [step_diff] ...
 # DRAFT=path measures another head than the shipped one (spec, sampling); UNTRAINED_PROMPTS=0
-# skips the untrained-head rows of spec. TAG=_x suffixes the gap and step_diff files.
+# skips the untrained-head rows of spec. TAG=_x suffixes the gap, step_diff and systems files.
 # checks: CHECKS_CONFIGS="fp32:eagle;fp32:dynamic:8,8,64" (dtype:tree;...), CHECKS_TOKENS=128.
 # Everything lands under $OUT; the last lines printed are a short table.
 set -uo pipefail
@@ -22,8 +22,8 @@ for job in "$@"; do
               --hf-prompts "${HF_PROMPTS:-4}" --max-new-tokens 256 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/spec.log" | tail -30 ;;
     sampling) specc bench sampling --out "$OUT/sampling.json" ${DRAFT:+--draft "$DRAFT"} ${SAMPLING_ARGS:-} 2>&1 | grep --line-buffered -v -i warn \
               | tee "$OUT/sampling.log" | tail -12 ;;
-    systems) specc bench systems --out "$OUT/systems.json" --plots "$OUT" ${SYSTEMS_ARGS:-} 2>&1 \
-              | grep --line-buffered -v -i warn | tee "$OUT/systems.log" | tail -40 ;;
+    systems) specc bench systems --out "$OUT/systems${TAG:-}.json" --plots "$OUT${TAG:+/plots$TAG}" ${SYSTEMS_ARGS:-} 2>&1 \
+              | grep --line-buffered -v -i warn | tee "$OUT/systems${TAG:-}.log" | tail -40 ;;
     gap)    specc bench gap --out "$OUT/gap${TAG:-}.json" --plot "$OUT/gap${TAG:-}.png" ${DRAFT:+--draft "$DRAFT"} ${GAP_ARGS:-} 2>&1 \
               | grep --line-buffered -v -i warn | tee "$OUT/gap${TAG:-}.log" | tail -12 ;;
     step_diff) specc bench step-diff --out "$OUT/step_diff${TAG:-}.json" ${DRAFT:+--draft "$DRAFT"} ${STEP_DIFF_ARGS:---b triton,triton_graph,compiled,compiled_graph} 2>&1 \

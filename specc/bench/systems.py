@@ -1,19 +1,24 @@
 """Systems benchmark on Llama-3-8B shapes: where the time of a speculative step goes.
 
 Random bf16 weights (no download; the 8B model fits one GPU), built on the meta device and
-filled on the GPU in seconds. Measured, each part captured in its own CUDA graph and timed by
-CUDA events around graph replays (median of `repeats`, after warm-up):
+filled on the GPU in seconds. `--shapes smollm2-135m` runs the same on the embedded model's
+shapes (30 layers, hidden 576, tied 49,152-token vocabulary), where the end-to-end benchmark's
+steps are timed. Measured, each part captured in its own CUDA graph and timed by CUDA events
+around graph replays (median of `repeats`, after warm-up):
 
   plain step     specc's plain decode step compiled by Inductor (as `Engine` compiles it),
                  batch 1, 1K context, against the weight-bandwidth floor (weight bytes over
                  the copy bandwidth measured in the same run) and that floor plus the KV bytes
-                 the step reads. One Inductor compile: the only one of the run.
+                 the step reads. One Inductor compile.
   verify N       the target program over a tree of N nodes (N = 1, 8, 16, 32, 64) at every
                  context C and batch B, run WITHOUT Inductor (the eager rewritten program; the
                  specc ops run their Triton kernels) captured whole in a CUDA graph: a capture
                  costs one eager run, so every configuration fits the time budget. Reported
                  against N = 1 in the same mode, and (batch 1, 1K context only) against the
                  compiled plain step.
+  verify N,      the same verify program compiled by Inductor with fixed shapes, at the plain
+  compiled       step's batch and context, for N = 1, the default tree and the largest N: the
+                 like-for-like comparison with the compiled plain step (one compile each).
   drafting       the draft half of the speculative step for the default static tree
                  (static_tree("eagle"), 25 nodes, depth 5): the catch-up forward plus one draft
                  forward and top-k per level, as passes/speculative_step.py runs them.
@@ -64,6 +69,22 @@ LLAMA3_8B = LlamaConfig(
     max_position_embeddings=8192,
 )
 
+# SmolLM2-135M-Instruct, the embedded default model (its GGUF's metadata): tied embeddings.
+SMOLLM2_135M = LlamaConfig(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+)
+SHAPE_LABELS = {"llama3-8b": "Llama-3-8B", "smollm2-135m": "SmolLM2-135M"}
+
 BATCH_SIZES = (1, 8, 32)
 CONTEXTS = (1024, 8192)
 NODES = (1, 8, 16, 32, 64)
@@ -100,6 +121,13 @@ class Progress:
 def llama3_8b_config(**overrides) -> LlamaConfig:
     """Llama-3-8B's shapes, with any field replaced (tests use tiny shapes)."""
     return replace(LLAMA3_8B, **overrides)
+
+
+def shapes_config(shapes: str, **overrides) -> LlamaConfig:
+    """The named shapes ('llama3-8b' or 'smollm2-135m'), with any field replaced."""
+    if shapes not in SHAPE_LABELS:
+        raise ValueError(f"unknown shapes {shapes!r}; pick one of {', '.join(SHAPE_LABELS)}")
+    return replace(LLAMA3_8B if shapes == "llama3-8b" else SMOLLM2_135M, **overrides)
 
 
 def init_random_(module: torch.nn.Module, buffers: dict[str, torch.Tensor], seed: int = 0,
@@ -281,6 +309,13 @@ def verify_callable(program, inputs: TreeInputs, k_cache: torch.Tensor, v_cache:
         return program(*inputs.args(), k_cache, v_cache)
 
     return verify
+
+
+def compiled_verify_callable(program, inputs: TreeInputs, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Callable:
+    """`verify_callable` compiled by Inductor with fixed shapes, fullgraph (the specc ops lower
+    to their Triton kernels, as in Engine's compiled steps); compiles on its first call."""
+    return torch.compile(verify_callable(program, inputs, k_cache, v_cache), fullgraph=True, dynamic=False,
+                         backend="inductor")
 
 
 def tree_attention_callable(program, inputs: TreeInputs, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -497,6 +532,20 @@ def _plain_step(program, batch: int, context: int, capacity: int, device, repeat
             "compile_and_capture_seconds": progress.elapsed() - compile_start}
 
 
+def _compiled_verify(program, parents: list[int], batch: int, context: int, capacity: int, repeats: int,
+                     warmup: int, progress: Progress) -> dict:
+    """The verify program over the tree `parents`, compiled by Inductor with fixed shapes (as
+    Engine compiles its steps, here alone), timed from a CUDA graph like every other part."""
+    k_cache, v_cache = random_cache(program, batch, capacity, seed=batch + context)
+    inputs = tree_inputs(parents, batch, context, program.vocab_size, program.device, seed=len(parents))
+    compiled = compiled_verify_callable(program, inputs, k_cache, v_cache)
+    compile_start = progress.elapsed()
+    progress(f"verify N={len(parents)}: compiling with Inductor (batch {batch}, context {context}) ...")
+    timing = time_ms(compiled, program.device, repeats, warmup)
+    return {"batch": batch, "context": context, "nodes": len(parents), "time": timing,
+            "compile_and_capture_seconds": progress.elapsed() - compile_start}
+
+
 def _configuration(program, draft, batch: int, context: int, capacity: int, trees: list, repeats: int,
                    warmup: int, progress: Progress) -> dict:
     """Every measurement at one (batch, context): verify and tree attention for each tree, and
@@ -573,6 +622,12 @@ def derive(report: dict) -> dict:
     for row in report["tree_attention"]:
         verify = _find(report["verify"], batch=row["batch"], context=row["context"], nodes=row["nodes"], tree=row["tree"])
         row["share_of_verify"] = _median(row) / _median(verify)
+    for row in report.get("verify_compiled", []):
+        one = _find(report["verify_compiled"], batch=row["batch"], context=row["context"], nodes=1)
+        eager = _find(report["verify"], batch=row["batch"], context=row["context"], nodes=row["nodes"], tree=row["tree"])
+        row["over_verify_1"] = _median(row) / _median(one) if one else None
+        row["over_eager_verify"] = _median(row) / _median(eager) if eager else None
+        row["over_compiled_plain"] = _median(row) / plain_ms if plain_ms is not None else None
 
     report["shares"] = []
     for drafting in report["drafting"]:
@@ -622,12 +677,20 @@ def _targets(report: dict, plain_ms: float | None) -> dict:
         "met_batch_1_compiled": None if compiled is None else compiled <= TARGET_VERIFY64_OVER_PLAIN,
         "over_verify_1_by_batch": {str(r["batch"]): r["over_verify_1"] for r in rows},
     }
+    compiled_rows = [r for r in report.get("verify_compiled", []) if r["context"] == context and r["nodes"] == largest
+                     and r["tree"] == "bfs4" and r["over_compiled_plain"] is not None]
+    if compiled_rows:
+        value = compiled_rows[0]["over_compiled_plain"]
+        targets["verify_largest_tree_over_plain"].update({
+            "compiled_verify_over_compiled_plain": value,
+            "met_compiled_verify": value <= TARGET_VERIFY64_OVER_PLAIN,
+        })
     return targets
 
 
 NOTES = [
     "Random weights (normal, std 0.02; the trace's equivalence check ran on std-0.002 weights, then the weights were "
-    "refilled in place): every timing holds for Llama-3-8B's shapes; acceptance does not. Random drafts accept "
+    "refilled in place): every timing holds for the shapes named (Llama-3-8B's unless the report says otherwise); acceptance does not. Random drafts accept "
     "almost nothing, so commit_kv moves almost no rows; at full acceptance it moves depth + 1 rows per layer, still tiny.",
     "verify N: the eager rewritten target program (no Inductor; specc ops run their Triton kernels) captured in "
     "one CUDA graph per configuration. Verify trees: the first N nodes, breadth first, of a complete 4-ary tree.",
@@ -639,16 +702,19 @@ NOTES = [
     "by the cache's capacity, so a cache sized for 8K would change the 1K kernels.",
     "Shares: drafting, tree attention, verify minus tree attention, accept+commit, as fractions of their sum. Each part "
     "is its own CUDA graph, so the sum is not a measured fused step; the compiled speculative step is not timed here.",
+    "verify compiled: the verify program alone compiled by Inductor (fixed shapes, one compile per N) and captured in a "
+    "CUDA graph, at the plain step's batch and context; compared with the compiled plain step like for like.",
     "Drafting: catch-up over depth + 1 pending inputs, then one draft forward and top-k per tree level "
     "(passes/speculative_step._draft_static), for the default static tree.",
 ]
 
 
 def _settings(config: LlamaConfig, dtype: torch.dtype, batch_sizes, contexts, nodes, repeats, warmup, compile,
-              draft_kind, capacity_extra) -> dict:
+              draft_kind, capacity_extra, shapes: str = "llama3-8b", compiled_verify_nodes=()) -> dict:
     from specc.lowering.tree import static_tree
 
     return {
+        "shapes": shapes,
         "model": config.to_dict(),
         "dtype": str(dtype),
         "element_size": torch.empty(0, dtype=dtype).element_size(),
@@ -658,6 +724,7 @@ def _settings(config: LlamaConfig, dtype: torch.dtype, batch_sizes, contexts, no
         "repeats": repeats,
         "warmup": warmup,
         "compile_plain_step": compile,
+        "compiled_verify_nodes": list(compiled_verify_nodes),
         "plain_step": {"batch": PLAIN_BATCH, "context": PLAIN_CONTEXT},
         "verify_tree": f"first N nodes, breadth first, of a complete {VERIFY_BRANCHING}-ary tree",
         "default_tree": {"name": DEFAULT_TREE, "parents": static_tree(DEFAULT_TREE)},
@@ -692,12 +759,16 @@ def run(
     draft_kind: str = "eagle3",
     out: str | Path | None = None,
     progress: Progress | None = None,
+    shapes: str = "llama3-8b",
+    compiled_verify: bool = True,
 ) -> dict:
     """Run the whole benchmark and return the report (every timing in ms: median and spread).
 
-    `config_overrides` replaces Llama-3-8B's shapes (tests: tiny ones on CPU). `out`: a JSON
-    path, rewritten after every finished piece. Verify always includes N = 1 (the ratios'
-    denominator) and the default tree's size."""
+    `shapes`: 'llama3-8b' or 'smollm2-135m'; `config_overrides` replaces any of their fields
+    (tests: tiny ones on CPU). `out`: a JSON path, rewritten after every finished piece. Verify
+    always includes N = 1 (the ratios' denominator) and the default tree's size. With `compile`,
+    the plain step is compiled and, with `compiled_verify`, the verify program too, for N = 1,
+    the default tree and the largest N, at the plain step's batch and context."""
     progress = progress or Progress()
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -706,21 +777,23 @@ def run(
         if not values or min(values) < 1:
             raise ValueError(f"{name}={list(values)}; give positive sizes")
     nodes = sorted(set(nodes) | {1})
-    config = llama3_8b_config(**(config_overrides or {}))
+    config = shapes_config(shapes, **(config_overrides or {}))
     default_size = len(tree_parents(DEFAULT_TREE))
     capacity_extra = max(max(nodes), default_size)
     trees = nodes + [DEFAULT_TREE]
+    compiled_trees = [1, DEFAULT_TREE, max(nodes)] if compile and compiled_verify else []
+    compiled_trees = [t for i, t in enumerate(compiled_trees) if t not in compiled_trees[:i]]
 
     report = {
-        "benchmark": "systems: specc on Llama-3-8B shapes, random weights",
+        "benchmark": f"systems: specc on {SHAPE_LABELS[shapes]} shapes, random weights",
         "environment": environment(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "settings": _settings(config, dtype, batch_sizes, contexts, nodes, repeats, warmup, compile, draft_kind,
-                              capacity_extra),
+                              capacity_extra, shapes, [len(tree_parents(t)) for t in compiled_trees]),
         "notes": NOTES,
         "timeline_seconds": {},
-        "verify": [], "tree_attention": [], "drafting": [], "accept_commit": [],
+        "verify": [], "tree_attention": [], "drafting": [], "accept_commit": [], "verify_compiled": [],
     }
     report["copy_bandwidth_bytes_per_s"] = memory_bandwidth(device)
     progress(f"copy bandwidth {report['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s")
@@ -755,6 +828,16 @@ def run(
         progress(f"plain step (compiled): {plain['time']['median_ms']:.3f} ms "
                  f"(compile + capture {plain['compile_and_capture_seconds']:.0f} s)")
         report["timeline_seconds"]["compiled_plain_step"] = progress.elapsed()
+        _checkpoint(report, out)
+        for tree in compiled_trees:
+            row = _compiled_verify(program, tree_parents(tree), PLAIN_BATCH, PLAIN_CONTEXT,
+                                   PLAIN_CONTEXT + capacity_extra, repeats, warmup, progress)
+            row["tree"] = tree if isinstance(tree, str) else "bfs4"
+            report["verify_compiled"].append(row)
+            progress(f"verify N={row['nodes']} ({row['tree']}, compiled): {_median(row):.3f} ms "
+                     f"(compile + capture {row['compile_and_capture_seconds']:.0f} s)")
+            _checkpoint(report, out)
+        report["timeline_seconds"]["compiled_verify"] = progress.elapsed()
     else:
         report["plain_step"] = {"skipped": "compile=False (--no-compile)", "batch": PLAIN_BATCH, "context": PLAIN_CONTEXT}
     report["timeline_seconds"]["total"] = progress.elapsed()
@@ -781,7 +864,8 @@ def summary_table(report: dict) -> str:
     model = settings["model"]
     bandwidth = report["copy_bandwidth_bytes_per_s"]
     lines = [
-        f"## specc systems benchmark: Llama-3-8B shapes ({model['num_hidden_layers']} layers, hidden "
+        f"## specc systems benchmark: {SHAPE_LABELS[settings.get('shapes', 'llama3-8b')]} shapes "
+        f"({model['num_hidden_layers']} layers, hidden "
         f"{model['hidden_size']}, vocab {model['vocab_size']}), random {settings['dtype']} weights",
         "",
         f"{report['gpu'] or report['device']} | torch {env['torch']} | triton {env['triton']} | "
@@ -791,6 +875,7 @@ def summary_table(report: dict) -> str:
     ]
     lines += _plain_lines(report)
     lines += _verify_lines(report)
+    lines += _compiled_verify_lines(report)
     lines += _attention_lines(report)
     lines += _share_lines(report)
     lines += ["### Notes", ""] + [f"- {note}" for note in report["notes"]]
@@ -847,6 +932,27 @@ def _verify_lines(report: dict) -> list[str]:
     lines += ["", f"Target: verifying N={target['nodes']} at most {target['target']}x the plain step at context "
               f"{target['context']}: x compiled plain step (batch 1) {_ratio(target['over_compiled_plain_batch_1'])}; "
               f"x verify N=1 (same mode): {by_batch}."]
+    return lines + [""]
+
+
+def _compiled_verify_lines(report: dict) -> list[str]:
+    rows = report.get("verify_compiled", [])
+    graph = ", CUDA graph" if report["device"].startswith("cuda") else ", eager timing on CPU"
+    lines = [f"### Verify compiled by Inductor{graph}", ""]
+    if not rows:
+        return lines + ["not measured (needs the compiled plain step; --no-compile or --no-compiled-verify skips it)", ""]
+    lines += ["| batch | context | N | ms (q1-q3) | x compiled verify N=1 | x eager verify | x compiled plain step |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        label = f"{r['nodes']}" + ("" if r["tree"] == "bfs4" else f" ({r['tree']})")
+        lines.append(f"| {r['batch']} | {r['context']} | {label} | {_ms(_median(r))} ({_ms(r['time']['q1_ms'])}-"
+                     f"{_ms(r['time']['q3_ms'])}) | {_ratio(r.get('over_verify_1'))} | {_ratio(r.get('over_eager_verify'))} | "
+                     f"{_ratio(r.get('over_compiled_plain'))} |")
+    target = report["targets"]["verify_largest_tree_over_plain"]
+    if "compiled_verify_over_compiled_plain" in target:
+        lines += ["", f"Target: verifying N={target['nodes']} at most {target['target']}x the plain step, both compiled: "
+                  f"{'met' if target['met_compiled_verify'] else 'not met'} "
+                  f"({_ratio(target['compiled_verify_over_compiled_plain'])})."]
     return lines + [""]
 
 
@@ -909,7 +1015,8 @@ def plot(report: dict, out_dir: str | Path) -> list[Path]:
         ax.grid(alpha=0.3)
     time_ax.set_yscale("log")
     ratio_ax.legend(fontsize=7)
-    fig.suptitle(f"verify a tree of N nodes, Llama-3-8B shapes, {report['gpu'] or report['device']}", fontsize=10)
+    shapes = SHAPE_LABELS[report["settings"].get("shapes", "llama3-8b")]
+    fig.suptitle(f"verify a tree of N nodes, {shapes} shapes, {report['gpu'] or report['device']}", fontsize=10)
     fig.tight_layout()
     path = out_dir / "systems_verify.png"
     fig.savefig(path)
@@ -938,13 +1045,19 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=_int_list, default=list(NODES), help="verify tree sizes, default 1,8,16,32,64")
     parser.add_argument("--repeats", type=int, default=20, help="timed replays per measurement (median)")
     parser.add_argument("--no-compile", action="store_true",
-                        help="skip the Inductor-compiled plain step (the one compile of the run)")
+                        help="skip every Inductor compile: the plain step and the compiled verify programs")
+    parser.add_argument("--no-compiled-verify", action="store_true",
+                        help="skip the Inductor-compiled verify programs (one compile per N: 1, the default tree, "
+                        "the largest N)")
+    parser.add_argument("--shapes", choices=list(SHAPE_LABELS), default="llama3-8b",
+                        help="the model shapes, random weights (default llama3-8b; smollm2-135m: the embedded model's)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
 
 
 def cmd_systems(args: argparse.Namespace) -> int:
     report = run(batch_sizes=args.batch_sizes, contexts=args.contexts, nodes=args.nodes, repeats=args.repeats,
-                 compile=not args.no_compile, device=args.device, out=args.out)
+                 compile=not args.no_compile, compiled_verify=not args.no_compiled_verify, device=args.device,
+                 out=args.out, shapes=args.shapes)
     table = summary_table(report)
     if args.plots:
         for path in plot(report, args.plots):
@@ -955,7 +1068,8 @@ def cmd_systems(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add `systems` to a subparsers action (`specc bench systems ...`); sets func=cmd_systems."""
-    parser = subparsers.add_parser("systems", help="Llama-3-8B-shaped systems benchmark: plain step vs floor, "
+    parser = subparsers.add_parser("systems", help="Llama-3-8B-shaped (or --shapes smollm2-135m) systems benchmark: "
+                                   "plain step vs floor, "
                                    "verify vs tree size, drafting, tree attention, shares (GPU)")
     _add_options(parser)
     parser.set_defaults(func=cmd_systems)

@@ -200,6 +200,9 @@ def test_command_line_options():
     defaults = parser.parse_args(["systems"])
     assert (defaults.batch_sizes, defaults.contexts, defaults.nodes) == ([1, 8, 32], [1024, 8192], [1, 8, 16, 32, 64])
     assert not defaults.no_compile and defaults.repeats >= 20
+    assert defaults.shapes == "llama3-8b" and not defaults.no_compiled_verify
+    small = parser.parse_args(["systems", "--shapes", "smollm2-135m", "--no-compiled-verify"])
+    assert small.shapes == "smollm2-135m" and small.no_compiled_verify
     with pytest.raises(SystemExit):
         parser.parse_args(["systems", "--nodes", "1,x"])
 
@@ -234,3 +237,81 @@ def test_a_program_holding_copies_of_the_weights_is_reported():
         systems._check_program_holds_weights(Program(), model)
     Program.module = model
     systems._check_program_holds_weights(Program(), model)  # its own tensors: silent
+
+
+def test_the_compiled_verify_equals_the_eager_verify():
+    """What the compiled-verify rows time is the same program: Inductor's outputs (logits, final
+    hidden state, layer features) and cache writes match the eager program's."""
+    torch._dynamo.reset()
+    model, program = systems.prepare_model(systems.llama3_8b_config(**TINY), torch.float32, "cpu")
+    parents = systems.tree_parents(4)
+    inputs = systems.tree_inputs(parents, 2, 24, TINY["vocab_size"], program.device, seed=3)
+    caches = [systems.random_cache(program, 2, 40, seed=1) for _ in range(2)]
+    with torch.no_grad():
+        eager = systems.verify_callable(program, inputs, *caches[0])()
+        compiled = systems.compiled_verify_callable(program, inputs, *caches[1])()
+    assert len(eager) == len(compiled)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    for a, b in zip(caches[0], caches[1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_verify_ratios_target_and_table_come_from_the_medians(report):
+    faked = copy.deepcopy(report)
+    faked["plain_step"] = {"batch": 1, "context": 32,
+                           "time": {"median_ms": 2.0, "min_ms": 1.9, "max_ms": 2.2, "q1_ms": 1.95, "q3_ms": 2.1, "repeats": 4}}
+
+    def row(nodes, tree, ms):
+        return {"batch": 1, "context": 32, "nodes": nodes, "tree": tree,
+                "time": {"median_ms": ms, "min_ms": ms, "max_ms": ms, "q1_ms": ms, "q3_ms": ms, "repeats": 2}}
+
+    faked["verify_compiled"] = [row(1, "bfs4", 2.2), row(25, "eagle", 2.4), row(8, "bfs4", 2.6)]
+    systems.derive(faked)
+    one, _, largest = faked["verify_compiled"]
+    eager_8 = _one(faked["verify"], batch=1, context=32, nodes=8, tree="bfs4")
+    assert largest["over_verify_1"] == pytest.approx(2.6 / 2.2)
+    assert largest["over_compiled_plain"] == pytest.approx(2.6 / 2.0)
+    assert largest["over_eager_verify"] == pytest.approx(2.6 / _median(eager_8))
+    target = faked["targets"]["verify_largest_tree_over_plain"]
+    assert target["compiled_verify_over_compiled_plain"] == pytest.approx(1.3) and target["met_compiled_verify"] is False
+    table = systems.summary_table(faked)
+    assert "### Verify compiled by Inductor" in table and "| 1 | 32 | 25 (eagle) | 2.400" in table
+    assert "both compiled: not met (1.30x)" in table
+    assert "not measured" in systems._compiled_verify_lines(report)[2]  # the fixture ran without compiling
+
+
+def test_smollm2_shapes_fit_the_shipped_head():
+    """The shipped head was trained on the real SmolLM2-135M: its config, derived from these
+    shapes, must be the one it was saved with (width, heads, vocabulary, feature layers)."""
+    from safetensors import safe_open
+
+    from specc.draft import default_draft_path
+    from specc.draft.eagle import DraftConfig
+
+    with safe_open(str(default_draft_path()), "pt") as f:
+        shipped = DraftConfig.from_json(f.metadata()["specc_draft_config"])
+    assert DraftConfig.for_target(systems.shapes_config("smollm2-135m"), "eagle3") == shipped
+    assert systems.shapes_config("llama3-8b", num_hidden_layers=2).hidden_size == 4096
+    with pytest.raises(ValueError, match="unknown shapes 'gpt2'.*llama3-8b"):
+        systems.shapes_config("gpt2")
+
+
+def test_a_compiled_run_measures_the_plain_step_and_the_compiled_verifies(monkeypatch):
+    """The whole compiled path on CPU (tiny shapes, the plain step's batch and context moved to
+    the run's): one plain compile, then verify compiled for N = 1, the default tree and the
+    largest N, each row with its ratios and the target filled in."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(systems, "PLAIN_CONTEXT", 32)
+    report = systems.run(batch_sizes=(1,), contexts=(32,), nodes=(1, 4), repeats=1, warmup=1, device="cpu",
+                         dtype=torch.float32, config_overrides=TINY, progress=systems.Progress(io.StringIO()))
+    assert report["plain_step"]["time"]["median_ms"] > 0
+    rows = {(r["nodes"], r["tree"]): r for r in report["verify_compiled"]}
+    assert set(rows) == {(1, "bfs4"), (25, "eagle"), (4, "bfs4")}
+    plain_ms = report["plain_step"]["time"]["median_ms"]
+    for row in rows.values():
+        assert row["over_compiled_plain"] == pytest.approx(_median(row) / plain_ms)
+        assert row["over_verify_1"] == pytest.approx(_median(row) / _median(rows[(1, "bfs4")]))
+    target = report["targets"]["verify_largest_tree_over_plain"]
+    assert target["compiled_verify_over_compiled_plain"] == rows[(4, "bfs4")]["over_compiled_plain"]
+    assert report["settings"]["compiled_verify_nodes"] == [1, 25, 4]
