@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 for job in "$@"; do
   case "$job" in
     tests)  python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
-    checks) python3 -c "from specc.bench.gpu_checks import run; run(draft_path='${DRAFT:-}' or None, out='$OUT/gpu_checks.json', configs='${CHECKS_CONFIGS:-bf16:eagle;fp32:eagle;bf16:dynamic:8,6,48}', max_new_tokens=${CHECKS_TOKENS:-64})" 2>&1 | tee "$OUT/gpu_checks.log" | tail -25 ;;
+    checks) python3 -c "from specc.bench.gpu_checks import DEFAULT_CONFIGS, run; run(draft_path='${DRAFT:-}' or None, out='$OUT/gpu_checks.json', configs='${CHECKS_CONFIGS:-}' or DEFAULT_CONFIGS, max_new_tokens=${CHECKS_TOKENS:-64})" 2>&1 | tee "$OUT/gpu_checks.log" | tail -25 ;;
     sampling_smoke) python3 -c "import json; from specc.bench.gpu_checks import sampling_smoke; json.dump(sampling_smoke(), open('$OUT/sampling_smoke.json', 'w'), indent=1)" 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/sampling.log" | tail -8 ;;
     plain)  specc bench plain --out "$OUT/plain.json" 2>&1 | tee "$OUT/plain.log" | tail -12 ;;
     spec)   specc bench spec --out "$OUT/spec.json" --plots "$OUT" --trees "${TREES:-dynamic:8,8,64;eagle;chain:6}" \

@@ -118,12 +118,11 @@ def run(draft_path: str | None = None, n_prompts: int = 8, max_new_tokens: int =
     keeps what it finished."""
     if isinstance(configs, str):
         configs = parse_configs(configs)
-    dtypes = DTYPES
     rows = mt_bench_first_turns(per_category=1)[:n_prompts]
     report = {"environment": environment(), "draft": draft_path or "untrained (random init)",
               "n_prompts": len(rows), "max_new_tokens": max_new_tokens, "configs": []}
     for dtype_name, tree in configs:
-        report["configs"].append(_check_config(dtype_name, dtypes[dtype_name], tree, rows, max_new_tokens, draft_path))
+        report["configs"].append(_check_config(dtype_name, DTYPES[dtype_name], tree, rows, max_new_tokens, draft_path))
         if out:
             Path(out).write_text(json.dumps(report, indent=1))
         print(summary(report), flush=True)

@@ -532,17 +532,23 @@ def _plain_step(program, batch: int, context: int, capacity: int, device, repeat
             "compile_and_capture_seconds": progress.elapsed() - compile_start}
 
 
-def _compiled_verify(program, parents: list[int], batch: int, context: int, capacity: int, repeats: int,
+def _tree_label(tree: str | int) -> str:
+    """A verify tree's name in the report: a static tree's own, "bfs4" for the first N of the 4-ary tree."""
+    return tree if isinstance(tree, str) else "bfs4"
+
+
+def _compiled_verify(program, tree: str | int, batch: int, context: int, capacity: int, repeats: int,
                      warmup: int, progress: Progress) -> dict:
-    """The verify program over the tree `parents`, compiled by Inductor with fixed shapes (as
-    Engine compiles its steps, here alone), timed from a CUDA graph like every other part."""
+    """The verify program over `tree`, compiled by Inductor with fixed shapes (as Engine
+    compiles its steps, here alone), timed from a CUDA graph like every other part."""
+    parents = tree_parents(tree)
     k_cache, v_cache = random_cache(program, batch, capacity, seed=batch + context)
     inputs = tree_inputs(parents, batch, context, program.vocab_size, program.device, seed=len(parents))
     compiled = compiled_verify_callable(program, inputs, k_cache, v_cache)
     compile_start = progress.elapsed()
     progress(f"verify N={len(parents)}: compiling with Inductor (batch {batch}, context {context}) ...")
     timing = time_ms(compiled, program.device, repeats, warmup)
-    return {"batch": batch, "context": context, "nodes": len(parents), "time": timing,
+    return {"batch": batch, "context": context, "nodes": len(parents), "tree": _tree_label(tree), "time": timing,
             "compile_and_capture_seconds": progress.elapsed() - compile_start}
 
 
@@ -556,7 +562,7 @@ def _configuration(program, draft, batch: int, context: int, capacity: int, tree
     for tree in trees:
         parents = tree_parents(tree)
         where = {"batch": batch, "context": context, "nodes": len(parents),
-                 "tree": tree if isinstance(tree, str) else "bfs4"}
+                 "tree": _tree_label(tree)}
         inputs = tree_inputs(parents, batch, context, program.vocab_size, program.device, seed=len(parents))
         verify = verify_callable(program, inputs, k_cache, v_cache)
         rows["verify"].append({**where, "time": time_ms(verify, **timer)})
@@ -690,8 +696,8 @@ def _targets(report: dict, plain_ms: float | None) -> dict:
 
 NOTES = [
     "Random weights (normal, std 0.02; the trace's equivalence check ran on std-0.002 weights, then the weights were "
-    "refilled in place): every timing holds for the shapes named (Llama-3-8B's unless the report says otherwise); acceptance does not. Random drafts accept "
-    "almost nothing, so commit_kv moves almost no rows; at full acceptance it moves depth + 1 rows per layer, still tiny.",
+    "refilled in place): every timing holds for the shapes named (Llama-3-8B's unless the report says otherwise); "
+    "acceptance does not. Random drafts accept almost nothing, so commit_kv moves almost no rows; at full acceptance it moves depth + 1 rows per layer, still tiny.",
     "verify N: the eager rewritten target program (no Inductor; specc ops run their Triton kernels) captured in "
     "one CUDA graph per configuration. Verify trees: the first N nodes, breadth first, of a complete 4-ary tree.",
     "over_verify_1 compares verify(N) with verify(1) in the same (eager-graph) mode at the same batch and context; "
@@ -781,8 +787,7 @@ def run(
     default_size = len(tree_parents(DEFAULT_TREE))
     capacity_extra = max(max(nodes), default_size)
     trees = nodes + [DEFAULT_TREE]
-    compiled_trees = [1, DEFAULT_TREE, max(nodes)] if compile and compiled_verify else []
-    compiled_trees = [t for i, t in enumerate(compiled_trees) if t not in compiled_trees[:i]]
+    compiled_trees = list(dict.fromkeys([1, DEFAULT_TREE, max(nodes)])) if compile and compiled_verify else []
 
     report = {
         "benchmark": f"systems: specc on {SHAPE_LABELS[shapes]} shapes, random weights",
@@ -830,9 +835,8 @@ def run(
         report["timeline_seconds"]["compiled_plain_step"] = progress.elapsed()
         _checkpoint(report, out)
         for tree in compiled_trees:
-            row = _compiled_verify(program, tree_parents(tree), PLAIN_BATCH, PLAIN_CONTEXT,
-                                   PLAIN_CONTEXT + capacity_extra, repeats, warmup, progress)
-            row["tree"] = tree if isinstance(tree, str) else "bfs4"
+            row = _compiled_verify(program, tree, PLAIN_BATCH, PLAIN_CONTEXT, PLAIN_CONTEXT + capacity_extra,
+                                   repeats, warmup, progress)
             report["verify_compiled"].append(row)
             progress(f"verify N={row['nodes']} ({row['tree']}, compiled): {_median(row):.3f} ms "
                      f"(compile + capture {row['compile_and_capture_seconds']:.0f} s)")
