@@ -70,14 +70,19 @@ def backend(draft=None, tree=None, dump: str | os.PathLike | None = None,
     """A specc backend for torch.compile.
 
     draft: an EAGLE draft head (specc.draft) or None for plain compiled decoding.
-    tree:  the draft tree: a parents list (static tree) or a dynamic-tree spec.
+    tree:  the draft tree: a static tree's name ("eagle", "chain:5"), a parents list, a dynamic-tree
+           spec ("dynamic:8,8,64"), "plain" (no drafting), or one per batch size as a mapping
+           {largest batch: tree}, e.g. {1: "eagle", 8: "chain:4", 64: "plain"} (batches past the
+           largest key take its tree).
     dump:  folder for the pass dumps (also SPECC_DUMP=dir).
     verify_rule: how sampled trees are verified: None picks the best exact rule for the tree
            ("rrs", the draft's true probabilities, on static trees; "q_one" on dynamic ones);
            "q_one" forces the rule that treats each draft probability as 1 (for comparison).
     """
+    from specc.generate import check_tree_option
     from specc.passes.speculative_step import VERIFY_RULES
 
+    check_tree_option(tree)
     if verify_rule is not None and verify_rule not in VERIFY_RULES:
         raise ValueError(f"verify_rule={verify_rule!r}; pick one of {VERIFY_RULES} or None (the tree's default)")
     return SpeccBackend(draft=draft, tree=tree, dump=dump, verify_rule=verify_rule)

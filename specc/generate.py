@@ -12,7 +12,7 @@ step in a CUDA graph on GPU. Later calls with the same configuration reuse all o
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -193,6 +193,48 @@ def tree_plan(tree) -> TreePlan | DynamicTree:
     return TreePlan.from_parents(list(tree))
 
 
+PLAIN = "plain"  # a tree option that decodes plainly (with a draft attached): a batch size where trees lose
+
+
+def _is_plain(tree) -> bool:
+    return isinstance(tree, str) and tree == PLAIN
+
+
+def tree_for_batch(tree, batch: int):
+    """The backend's `tree` option for a batch of `batch` sequences.
+
+    A mapping {largest batch: tree} gives each batch size its own tree, as the paper does (the
+    verify of B x N tokens stops being cheap as B grows): a batch takes the entry of the smallest
+    key >= its size, and past every key the largest key's entry. Any other option is one tree for
+    every batch size. `PLAIN` ("plain") decodes without drafting."""
+    if not isinstance(tree, Mapping):
+        return tree
+    fitting = [limit for limit in tree if batch <= limit]
+    return tree[min(fitting) if fitting else max(tree)]
+
+
+def check_tree_option(tree) -> None:
+    """Raise a ValueError naming the entry if a per-batch-size mapping is malformed: keys must be
+    batch sizes >= 1, values trees that `tree_plan` takes or "plain"."""
+    if not isinstance(tree, Mapping):
+        return
+    if not tree:
+        raise ValueError("tree={} has no entries; give {largest batch: tree}, e.g. {1: 'eagle', 8: 'chain:4', 64: 'plain'}")
+    for limit, entry in tree.items():
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"tree mapping key {limit!r} is not a batch size; keys are the largest batch size "
+                             f"(an int >= 1) that uses their tree, e.g. {{1: 'eagle', 8: 'chain:4', 64: 'plain'}}")
+        if _is_plain(entry):
+            continue
+        if entry is None or isinstance(entry, Mapping):
+            raise ValueError(f"tree mapping entry {limit}: {entry!r}; give a tree (a name such as 'eagle', "
+                             f"'chain:5', 'dynamic:8,8,64', or a parents list) or 'plain'")
+        try:
+            tree_plan(entry)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"tree mapping entry {limit}: {entry!r} is not a tree ({error})") from error
+
+
 def _default_max_seq_len(prompts: list[list[int]], max_new_tokens: int, plan: TreePlan | DynamicTree | None) -> int:
     # round up so that nearby requests share one compiled configuration
     needed = cache_positions_needed(max(len(p) for p in prompts), max_new_tokens, plan)
@@ -222,7 +264,8 @@ def generate(
     program, backend = target_program(compiled)
     prompts = _as_prompt_lists(prompts)
     sampling = Sampling(temperature, top_k, top_p)
-    plan = tree_plan(backend.tree) if backend.draft is not None else None
+    chosen = tree_for_batch(backend.tree, len(prompts))
+    plan = tree_plan(chosen) if backend.draft is not None and not _is_plain(chosen) else None
     max_seq_len = max_seq_len or _default_max_seq_len(prompts, max_new_tokens, plan)
     validate_prompts(prompts, program.vocab_size, max_new_tokens, max_seq_len, plan)
     seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)

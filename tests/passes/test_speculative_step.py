@@ -79,6 +79,35 @@ def test_oracle_draft_accepts_a_full_path_every_step(tree):
     assert spec.steps == len(batch_prompts) * math.ceil((new - 1) / (depth + 1))
 
 
+def test_a_tree_per_batch_size_drafts_with_each_batchs_own_tree_and_stays_lossless():
+    """tree={1: chain of 5, 2: chain of 2, 3: plain}: with the oracle draft each batch size's steps
+    show its own tree's depth (or none), and every output equals plain greedy; 4 sequences, past
+    the largest key, decode plainly too."""
+    target = reference_llama(SMALL, seed=2)
+    every = [[7, 7, 1], [2, 4, 8, 16, 32], [5, 9], [3, 3, 3, 3]]
+    new = 13
+    plain = specc.generate(torch.compile(target, backend=specc.backend()), every, max_new_tokens=new + 12, compile=False)
+    oracle = OracleDraft([p + t for p, t in zip(every, plain.tokens)], SMALL.vocab_size, SMALL.hidden_size)
+    compiled = torch.compile(target, backend=specc.backend(draft=oracle, tree={1: "chain:5", 2: "chain:2", 3: "plain"}))
+    for batch, depth in ((1, 5), (2, 2), (3, 0), (4, 0)):
+        out = specc.generate(compiled, every[:batch], max_new_tokens=new, compile=False)
+        assert out.tokens == [t[:new] for t in plain.tokens[:batch]], batch
+        assert out.steps == batch * math.ceil((new - 1) / (depth + 1)), batch
+        assert out.mean_accept_length == depth + 1, batch  # 12 tokens after the prefill's: whole paths only
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({}, "no entries"),
+    ({0: "eagle"}, "key 0 is not a batch size"),
+    ({"8": "eagle"}, "key '8' is not a batch size"),
+    ({1: "eagle", 8: "bogus"}, "entry 8: 'bogus' is not a tree"),
+    ({1: None}, "entry 1: None; give a tree"),
+])
+def test_a_malformed_tree_per_batch_size_is_refused_when_the_backend_is_made(tree, message):
+    with pytest.raises(ValueError, match=message):
+        specc.backend(tree=tree)
+
+
 @pytest.mark.slow
 def test_compiled_spec_step_equals_plain_through_inductor():
     target = reference_llama(SMALL, seed=4)
