@@ -277,19 +277,33 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return configure_parser(parser)
 
 
-def cmd_gap(args: argparse.Namespace) -> int:
+def check_modes(modes: list[str]) -> list[str]:
+    """`modes`, or a SystemExit naming the unknown ones and the choices."""
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise SystemExit(f"unknown modes {unknown}; pick among {', '.join(MODES)}")
+    return modes
+
+
+def load_model_and_head(args: argparse.Namespace, dtype_name: str | None):
+    """The target (`--model`, default the embedded one) and the head (`--draft`, default the
+    shipped one) on `--device`, in `dtype_name` (default bf16 on a GPU, fp32 on a CPU):
+    (model, tokenizer, draft, dtype)."""
     from specc.draft import default_draft_path
     from specc.draft.eagle import load_draft
     from specc.models.load import load_llama
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = sorted(set(modes) - set(MODES))
-    if unknown:
-        raise SystemExit(f"unknown modes {unknown}; pick among {', '.join(MODES)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name or ("bf16" if device == "cuda" else "fp32")]
     model, tokenizer = load_llama(args.model, dtype=dtype, device=device)
-    draft = load_draft(args.draft or default_draft_path(), model)
+    return model, tokenizer, load_draft(args.draft or default_draft_path(), model), dtype
+
+
+def cmd_gap(args: argparse.Namespace) -> int:
+    from specc.draft import default_draft_path
+
+    modes = check_modes([m.strip() for m in args.modes.split(",") if m.strip()])
+    model, tokenizer, draft, dtype = load_model_and_head(args, args.dtype)
     indices = [int(i) for i in args.prompts.split(",")]
     if args.from_spec:
         report = read_report(args.from_spec)

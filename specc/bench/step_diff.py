@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import specc
-from specc.bench.acceptance_gap import _MODE_SETTINGS, MODES, kernels
+from specc.bench.acceptance_gap import _MODE_SETTINGS, MODES, check_modes, kernels, load_model_and_head
 from specc.bench.common import WeightsWatch, environment
 from specc.passes.decode_step import Sampling
 
@@ -202,17 +202,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_step_diff(args: argparse.Namespace) -> int:
     from specc.bench.end_to_end import load_prompts
-    from specc.draft import default_draft_path
-    from specc.draft.eagle import load_draft
-    from specc.models.load import load_llama
 
-    for mode in [args.a, *args.b.split(",")]:
-        if mode not in MODES:
-            raise SystemExit(f"unknown mode {mode!r}; pick among {', '.join(MODES)}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    model, tokenizer = load_llama(args.model, dtype=dtype, device=device)
-    draft = load_draft(args.draft or default_draft_path(), model)
+    check_modes([args.a, *args.b.split(",")])
+    model, tokenizer, draft, _ = load_model_and_head(args, args.dtype)
     prompt = load_prompts(tokenizer)[1][args.prompt]
     results = []
     for mode_b in args.b.split(","):

@@ -105,3 +105,9 @@ def test_graph_modes_need_a_gpu(trained):
     lines = []
     results = acceptance_gap.run(target, draft, prompts[:1], ("reference", "compiled_graph"), DEPTH, 8, log=lines.append)
     assert [r["mode"] for r in results] == ["reference"] and "compiled_graph: skipped" in lines[-1]
+
+
+def test_an_unknown_mode_is_named_with_the_choices():
+    assert acceptance_gap.check_modes(["reference", "compiled_graph"]) == ["reference", "compiled_graph"]
+    with pytest.raises(SystemExit, match=r"unknown modes \['bogus'\]; pick among reference, triton"):
+        acceptance_gap.check_modes(["reference", "bogus"])
