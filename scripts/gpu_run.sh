@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One lent-GPU call: install specc, run the GPU tests, the real-model checks and benchmarks.
 # Usage (second of the two model calls in ../shared/GPU.md, carry .gpu2; scripts/gpu_model.sh):
-#   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] [step_diff] ...
+#   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] [step_diff] [profile] ...
 # DRAFT=path measures another head than the shipped one (spec, sampling); UNTRAINED_PROMPTS=0
-# skips the untrained-head rows of spec. TAG=_x suffixes the gap, step_diff and systems files.
+# skips the untrained-head rows of spec. TAG=_x suffixes the gap, step_diff, systems and profile files.
+# PROFILE_ARGS='--trees eagle;dynamic:8,8,64 --steps 50' for profile (no inner quotes: the value is split on spaces).
 # checks: CHECKS_CONFIGS="fp32:eagle;fp32:dynamic:8,8,64" (dtype:tree;...), CHECKS_TOKENS=128.
 # Everything lands under $OUT; the last lines printed are a short table.
 set -uo pipefail
@@ -28,6 +29,8 @@ for job in "$@"; do
               | grep --line-buffered -v -i warn | tee "$OUT/gap${TAG:-}.log" | tail -12 ;;
     step_diff) specc bench step-diff --out "$OUT/step_diff${TAG:-}.json" ${DRAFT:+--draft "$DRAFT"} ${STEP_DIFF_ARGS:---b triton,triton_graph,compiled,compiled_graph} 2>&1 \
               | grep --line-buffered -v -i warn | tee "$OUT/step_diff${TAG:-}.log" | grep --line-buffered -E "^(---|accept)" ;;
+    profile) specc bench profile --out "$OUT/profile${TAG:-}.json" ${DRAFT:+--draft "$DRAFT"} ${PROFILE_ARGS:-} 2>&1 \
+              | grep --line-buffered -v -i warn | tee "$OUT/profile${TAG:-}.log" | tail -45 ;;
     *) echo "unknown job $job" ;;
   esac
 done

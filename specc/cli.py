@@ -8,6 +8,7 @@
     specc bench systems --out systems.json               # Llama-3-8B shapes: step vs floor, verify cost (GPU)
     specc bench sampling --out sampling.json             # sampled accept length: true q vs q = 1 (GPU)
     specc bench gap --out gap.json                       # real accept lengths vs the teacher-forced draft's, per implementation
+    specc bench profile --out profile.json               # the kernels of one step, plain and per tree (GPU)
     specc train-draft --help                             # train an EAGLE head (GPU)
 
 generate and chat draft with the EAGLE head that specc trained for the embedded model
@@ -185,13 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     plain.add_argument("--prompts", default=None, help="JSONL with `turns` (default: MT-Bench)")
     plain.add_argument("--out", default=None, help="write the full JSON report here")
     plain.set_defaults(func=cmd_bench_plain)
-    from specc.bench import acceptance_gap, end_to_end, sampling_rules, step_diff, systems
+    from specc.bench import acceptance_gap, end_to_end, sampling_rules, step_diff, step_profile, systems
 
     end_to_end.add_parser(benches)
     systems.add_parser(benches)
     sampling_rules.add_parser(benches)
     acceptance_gap.add_parser(benches)
     step_diff.add_parser(benches)
+    step_profile.add_parser(benches)
 
     from specc.draft.cli import add_train_draft_parser
 

@@ -1,0 +1,195 @@
+"""`specc bench profile`: which kernels one decode step runs, and how long each takes.
+
+At batch 1 the embedded 135M model's step is bound by per-kernel costs, not by bandwidth (its
+plain step takes 1.44 ms on an H200, its weights 65 µs to read), so the way to a faster
+speculative step is fewer or shorter kernels. This command says which: for the plain step and
+each tree, it decodes a prompt to build and capture the engine exactly as `specc.generate`
+does, then profiles `steps` more replays of the captured step (they continue that decode) and
+tables the device kernels per step: name, calls, µs, share, and totals by kind (GEMMs,
+Inductor's fused kernels, specc's own Triton kernels, the rest).
+
+    specc bench profile --trees "eagle;dynamic:8,8,64" --steps 50 --out profile.json
+
+On a CPU (tests) the step runs eagerly and the rows are aten ops by self CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from specc.bench.common import environment
+
+# kinds, by the first pattern the kernel name contains (lower case)
+KINDS = (
+    ("gemm", ("gemm", "gemv", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("specc", ("tree_attention", "kv_write", "verify_greedy", "verify_sampling", "commit_kv", "select_tree", "specc::")),
+    ("inductor", ("triton_poi", "triton_red", "triton_per", "triton_tem", "triton_")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """"gemm", "specc", "inductor" or "other", by the kernel's name."""
+    lower = name.lower()
+    return next((kind for kind, patterns in KINDS if any(p in lower for p in patterns)), "other")
+
+
+def kernel_rows(events, steps: int, device_kernels: bool) -> list[dict]:
+    """Profiler events -> one row per kernel name: calls and µs per step, share of the step's
+    total, kind; the most expensive first. `device_kernels`: the CUDA kernels' durations;
+    otherwise the CPU ops' self times (so nested ops are not counted twice)."""
+    calls: dict[str, int] = defaultdict(int)
+    micros: dict[str, float] = defaultdict(float)
+    for event in events:
+        if device_kernels:
+            if event.device_type.name != "CUDA":
+                continue
+            duration = event.time_range.elapsed_us()  # a kernel event's own span on the GPU
+        else:
+            if event.device_type.name != "CPU" or not event.name.startswith(("aten::", "specc::")):
+                continue
+            duration = event.self_cpu_time_total
+        calls[event.name] += 1
+        micros[event.name] += duration
+    total = sum(micros.values()) or 1.0
+    rows = [{"name": name, "kind": kernel_kind(name), "calls_per_step": calls[name] / steps,
+             "us_per_step": micros[name] / steps, "share": micros[name] / total} for name in calls]
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+def by_kind(rows: list[dict]) -> dict[str, dict]:
+    kinds: dict[str, dict] = {}
+    for row in rows:
+        entry = kinds.setdefault(row["kind"], {"kernels_per_step": 0.0, "us_per_step": 0.0, "share": 0.0})
+        entry["kernels_per_step"] += row["calls_per_step"]
+        entry["us_per_step"] += row["us_per_step"]
+        entry["share"] += row["share"]
+    return kinds
+
+
+def profile_engine(engine, steps: int) -> dict:
+    """Profile `steps` steps of a built engine (replays of its CUDA graph, or eager steps): the
+    steps continue the engine's last decode, so its cache must have room for them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    loop = engine.loop
+    on_gpu = engine.buffers.k_cache.device.type == "cuda"
+
+    def step():
+        return loop.step.replay() if loop.step is not None else loop._eager_step(*engine.buffers.step_args())
+
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    step()  # one unprofiled step: nothing first-call about the profiled ones
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    rows = kernel_rows(prof.events(), steps, device_kernels=on_gpu)
+    return {
+        "steps": steps,
+        "cuda_graph": loop.step is not None,
+        "timing": "device kernel durations" if on_gpu else "CPU self time of aten and specc ops",
+        "kernels_per_step": sum(r["calls_per_step"] for r in rows),
+        "us_per_step": sum(r["us_per_step"] for r in rows),
+        "by_kind": by_kind(rows),
+        "kernels": rows,
+    }
+
+
+def run(model, draft, prompt: list[int], trees: list[str], steps: int = 50, warm_tokens: int = 32,
+        compile: bool = True, log=print) -> list[dict]:
+    """The plain step, then each tree's: decode `warm_tokens` of `prompt` (engine built and
+    captured as `specc.generate` builds it), then profile `steps` more steps."""
+    import specc
+    from specc.generate import _default_max_seq_len, tree_plan
+
+    results = []
+    for tree in ["plain", *trees]:
+        torch._dynamo.reset()
+        plan = None if tree == "plain" else tree_plan(tree)
+        backend = specc.backend() if plan is None else specc.backend(draft=draft, tree=tree)
+        compiled = torch.compile(model, backend=backend)
+        # room for the warm decode and the profiled steps, each advancing up to depth + 1
+        max_seq_len = _default_max_seq_len([prompt], warm_tokens + steps + 2, plan)
+        specc.generate(compiled, [prompt], max_new_tokens=warm_tokens, max_seq_len=max_seq_len, compile=compile)
+        (engine,) = compiled.__dict__["_specc_engines"].values()
+        result = {"tree": tree, **profile_engine(engine, steps)}
+        log(summary(result))
+        results.append(result)
+    return results
+
+
+def summary(result: dict, top: int = 12) -> str:
+    unit = "µs"
+    lines = [f"--- {result['tree']}: {result['kernels_per_step']:.0f} kernels per step, "
+             f"{result['us_per_step']:.0f} {unit} per step ({result['timing']}"
+             f"{', CUDA graph' if result['cuda_graph'] else ''})"]
+    lines.append("  by kind: " + ", ".join(f"{kind} {v['kernels_per_step']:.0f} kernels {v['us_per_step']:.0f} {unit} "
+                                           f"({v['share']:.0%})" for kind, v in result["by_kind"].items()))
+    for row in result["kernels"][:top]:
+        lines.append(f"  {row['us_per_step']:8.1f} {unit} {row['share']:5.1%} x{row['calls_per_step']:5.1f} "
+                     f"[{row['kind']}] {row['name'][:110]}")
+    return "\n".join(lines)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--draft", default=None, help="EAGLE head .safetensors (default: the shipped head)")
+    parser.add_argument("--model", default=None, help="a Llama GGUF (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--prompt", type=int, default=0, help="MT-Bench first-turn index")
+    parser.add_argument("--trees", default="eagle;dynamic:8,8,64",
+                        help="trees profiled after the plain step, separated by ';' (commas belong to a dynamic spec)")
+    parser.add_argument("--steps", type=int, default=50, help="profiled steps per configuration")
+    parser.add_argument("--warm-tokens", type=int, default=32, help="tokens decoded before profiling")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--no-compile", action="store_true", help="run the rewritten programs without Inductor")
+    parser.add_argument("--out", default=None, help="JSON report")
+    parser.set_defaults(func=cmd_profile)
+    return parser
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("profile", help="the kernels of one decode step, plain and per tree: "
+                                   "calls, µs, share, by kind (GPU)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return configure_parser(parser)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from specc.bench.acceptance_gap import load_model_and_head
+    from specc.bench.end_to_end import load_prompts, parse_trees
+
+    try:
+        trees = parse_trees(args.trees)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    if args.steps < 1 or args.warm_tokens < 1:
+        raise SystemExit(f"--steps {args.steps} --warm-tokens {args.warm_tokens}: give at least 1 of each")
+    model, tokenizer, draft, dtype = load_model_and_head(args, args.dtype)
+    prompt = load_prompts(tokenizer)[1][args.prompt]
+    results = run(model, draft, prompt, trees, args.steps, args.warm_tokens, compile=not args.no_compile,
+                  log=lambda text: print(text, flush=True))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"environment": environment(), "command": shlex.join(sys.argv),
+                                              "dtype": str(dtype), "prompt": args.prompt, "results": results},
+                                             indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specc bench profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    return cmd_profile(configure_parser(parser).parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""specc/bench/step_profile.py on CPU: the per-step table is built from the profiled steps, and
+it sees what a step really runs (a tree's step runs its draft's and the tree's ops on top of
+the plain step's)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from specc.bench import step_profile
+from specc.draft.eagle import DraftConfig, EagleDraft
+from specc.models.llama import LlamaConfig
+from tests.models_factory import reference_llama
+from tests.strategies import seeded_weights
+
+SMALL = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def profiled():
+    target = reference_llama(SMALL, seed=1)
+    draft = seeded_weights(EagleDraft(DraftConfig.for_target(SMALL)), 2).attach_to(target).eval()
+    return step_profile.run(target, draft, [3, 1, 4, 1, 5], ["chain:3"], steps=4, warm_tokens=4, compile=False,
+                            log=lambda text: None)
+
+
+def test_each_configuration_tables_its_ops_per_step(profiled):
+    plain, chain = profiled
+    assert (plain["tree"], chain["tree"]) == ("plain", "chain:3")
+    for result in profiled:
+        rows = result["kernels"]
+        assert rows and result["steps"] == 4 and not result["cuda_graph"]
+        assert result["kernels_per_step"] == pytest.approx(sum(r["calls_per_step"] for r in rows))
+        assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+        assert [r["us_per_step"] for r in rows] == sorted((r["us_per_step"] for r in rows), reverse=True)
+        kinds = result["by_kind"]
+        assert sum(k["kernels_per_step"] for k in kinds.values()) == pytest.approx(result["kernels_per_step"])
+        # every layer's attention is specc's op, once per layer per step
+        attention = [r for r in rows if r["name"] == "specc::tree_attention"]
+        assert attention and attention[0]["kind"] == "specc"
+    plain_attention = next(r for r in plain["kernels"] if r["name"] == "specc::tree_attention")
+    assert plain_attention["calls_per_step"] == SMALL.num_hidden_layers
+
+
+def test_a_trees_step_runs_the_plain_steps_ops_and_more(profiled):
+    plain, chain = profiled
+    assert chain["kernels_per_step"] > plain["kernels_per_step"]
+    names = {r["name"] for r in chain["kernels"]}
+    assert "specc::verify_greedy" in names and "specc::verify_greedy" not in {r["name"] for r in plain["kernels"]}
+
+
+def test_kernel_kinds_follow_the_names():
+    assert step_profile.kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "gemm"
+    assert step_profile.kernel_kind("_tree_attention_prefix_kernel") == "specc"
+    assert step_profile.kernel_kind("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "inductor"
+    assert step_profile.kernel_kind("void at::native::vectorized_elementwise_kernel<4>") == "other"
+
+
+def test_summary_and_command_line(profiled):
+    text = step_profile.summary(profiled[1], top=3)
+    assert text.startswith("--- chain:3:") and "by kind:" in text and len(text.splitlines()) == 5
+    parser = argparse.ArgumentParser()
+    step_profile.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["profile", "--trees", "eagle;dynamic:8,8,64", "--steps", "7"])
+    assert args.steps == 7 and args.func is step_profile.cmd_profile
+    with pytest.raises(SystemExit, match="separate trees with ';'"):
+        step_profile.cmd_profile(parser.parse_args(["profile", "--trees", "eagle,chain:6"]))
+
+
+def test_on_a_gpu_the_rows_are_the_kernels_own_spans():
+    """The CUDA branch, on events shaped like the profiler's: only device kernels count, by
+    their spans; the CPU ops that launched them do not."""
+    from types import SimpleNamespace
+
+    def kernel(name, start, end):
+        span = SimpleNamespace(elapsed_us=lambda: end - start)
+        return SimpleNamespace(device_type=SimpleNamespace(name="CUDA"), name=name, time_range=span)
+
+    cpu_op = SimpleNamespace(device_type=SimpleNamespace(name="CPU"), name="aten::mm", self_cpu_time_total=40.0)
+    events = [kernel("triton_poi_fused_add_0", 0, 3), kernel("triton_poi_fused_add_0", 5, 8),
+              kernel("sm90_xmma_gemm_bf16", 10, 22), cpu_op]
+    rows = step_profile.kernel_rows(events, steps=2, device_kernels=True)
+    assert [(r["name"], r["calls_per_step"], r["us_per_step"]) for r in rows] == [
+        ("sm90_xmma_gemm_bf16", 0.5, 6.0), ("triton_poi_fused_add_0", 1.0, 3.0)]
+    assert [r["kind"] for r in rows] == ["gemm", "inductor"] and rows[0]["share"] == pytest.approx(2 / 3)
