@@ -112,17 +112,21 @@ def parse_configs(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def run(draft_path: str | None = None, n_prompts: int = 8, max_new_tokens: int = 64,
-        configs: str | tuple = DEFAULT_CONFIGS, out: str | None = None) -> dict:
+        configs: str | tuple = DEFAULT_CONFIGS, out: str | None = None, device: str = "cuda",
+        compile: bool = True) -> dict:
     """Each (dtype, tree) config in turn (a tuple of pairs, or the string form of
     `parse_configs`); the report is written after each, so a run cut short by its time limit
-    keeps what it finished."""
+    keeps what it finished. `device="cpu", compile=False` runs the same equality checks on a
+    CPU (eager programs; slow, but the real model and head)."""
     if isinstance(configs, str):
         configs = parse_configs(configs)
     rows = mt_bench_first_turns(per_category=1)[:n_prompts]
     report = {"environment": environment(), "draft": draft_path or "untrained (random init)",
-              "n_prompts": len(rows), "max_new_tokens": max_new_tokens, "configs": []}
+              "n_prompts": len(rows), "max_new_tokens": max_new_tokens, "device": device, "compile": compile,
+              "configs": []}
     for dtype_name, tree in configs:
-        report["configs"].append(_check_config(dtype_name, DTYPES[dtype_name], tree, rows, max_new_tokens, draft_path))
+        report["configs"].append(_check_config(dtype_name, DTYPES[dtype_name], tree, rows, max_new_tokens, draft_path,
+                                               device, compile))
         if out:
             Path(out).write_text(json.dumps(report, indent=1))
         print(summary(report), flush=True)
