@@ -193,7 +193,7 @@ def tree_plan(tree) -> TreePlan | DynamicTree:
     return TreePlan.from_parents(list(tree))
 
 
-PLAIN = "plain"  # a tree option that decodes plainly (with a draft attached): a batch size where trees lose
+PLAIN = "plain"  # the tree option "no drafting", though a draft is attached: for batch sizes where trees lose
 
 
 def _is_plain(tree) -> bool:
