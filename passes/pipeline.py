@@ -1,6 +1,7 @@
 """The pass pipeline: Dynamo's graph of the model in, the target program out.
 
     recognise skeleton -> positions input -> cached tree attention -> program signature
+    -> fused projections (optional, on by default)
     -> equivalence check (the rewritten program against the original graph on the probe)
 
 With a dump folder (argument, or SPECC_DUMP=dir) every compile writes one folder holding,
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
+from specc.passes.fused_projections import fuse_parallel_projections, refresh_stacked_weights
 from specc.passes.graph_utils import RecognitionError
 from specc.passes.kv_cache import use_cached_tree_attention
 from specc.passes.positions import use_position_input
@@ -30,6 +32,7 @@ REWRITES: list[tuple[str, Callable[[fx.GraphModule, LlamaSkeleton], str]]] = [
     ("kv_cache", use_cached_tree_attention),
     ("program_signature", set_program_signature),
 ]
+FUSION = ("fused_projections", fuse_parallel_projections)
 
 _compile_counter = itertools.count()
 
@@ -53,6 +56,10 @@ class TargetProgram:
 
     def __call__(self, input_ids, positions, cache_len, tree_mask, k_cache, v_cache):
         return self.module(input_ids, positions, cache_len, tree_mask, k_cache, v_cache)
+
+    def refresh_stacked_weights(self) -> None:
+        """Re-read the model's weights into the fused projections' stacked copies (if any)."""
+        refresh_stacked_weights(self.module)
 
     def new_cache(self, batch: int, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.n_layers, batch, self.n_kv_heads, max_seq_len, self.head_dim)
@@ -129,8 +136,10 @@ def check_equivalence(program: TargetProgram, input_ids: torch.Tensor, expected:
     return error
 
 
-def build_target_program(gm: fx.GraphModule, example_inputs: list, dump: str | os.PathLike | None = None) -> TargetProgram:
-    """Run the pipeline on Dynamo's graph; raises RecognitionError when any step fails."""
+def build_target_program(gm: fx.GraphModule, example_inputs: list, dump: str | os.PathLike | None = None,
+                         fuse_projections: bool = True) -> TargetProgram:
+    """Run the pipeline on Dynamo's graph; raises RecognitionError when any step fails.
+    fuse_projections: stack each layer's q/k/v and gate/up weights (passes/fused_projections.py)."""
     folder = _dump_dir(dump)
     if folder:
         (folder / "00_dynamo_graph.txt").write_text(_readable(gm))
@@ -140,7 +149,8 @@ def build_target_program(gm: fx.GraphModule, example_inputs: list, dump: str | o
     program_gm = copy_graph_module(gm)
     # Re-find the skeleton on the copy so the rewrites never touch the graph Dynamo runs.
     skeleton = recognise_llama(program_gm, example_inputs)
-    for step, (name, rewrite) in enumerate(REWRITES, start=1):
+    rewrites = REWRITES + [FUSION] if fuse_projections else REWRITES
+    for step, (name, rewrite) in enumerate(rewrites, start=1):
         before = _readable(program_gm) if folder else ""
         summaries[name] = rewrite(program_gm, skeleton)
         if folder:

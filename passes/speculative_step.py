@@ -42,6 +42,7 @@ verifier's coins use different streams.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -135,9 +136,17 @@ def draft_features(draft, final_hidden: torch.Tensor, layer_outputs: Sequence[to
     return final_hidden
 
 
-def make_spec_prefill(program: TargetProgram, draft) -> Callable:
+def decoder(draft, stacked=None) -> Callable:
+    """The draft's decode, with its stacked projections when given (drafts without them, such
+    as the tests' oracle, take the plain signature)."""
+    return draft.decode if stacked is None else functools.partial(draft.decode, stacked=stacked)
+
+
+def make_spec_prefill(program: TargetProgram, draft, stacked=None) -> Callable:
     """Prefill the target, then the draft on positions 0 .. len - 2 (their features are final);
-    the last prompt position becomes the one pending draft input."""
+    the last prompt position becomes the one pending draft input. `stacked`: the draft's
+    StackedProjections (one GEMM for q/k/v, one for gate/up), or None."""
+    draft_decode = decoder(draft, stacked)
 
     def spec_prefill(input_ids, prompt_lens, cache_len, k_cache, v_cache, draft_k, draft_v,
                      pending_tokens, pending_feats, pending_count):
@@ -147,7 +156,7 @@ def make_spec_prefill(program: TargetProgram, draft) -> Callable:
         logits, hidden, *layers = program(input_ids, positions, cache_len, causal_mask(batch, steps, device), k_cache, v_cache)
         features = draft_features(draft, hidden, layers)
         if steps > 1:
-            draft.decode(input_ids[:, 1:], features[:, :-1], positions[:, :-1], cache_len,
+            draft_decode(input_ids[:, 1:], features[:, :-1], positions[:, :-1], cache_len,
                          causal_mask(batch, steps - 1, device), draft_k, draft_v)
         rows = torch.arange(batch, device=device)
         last = prompt_lens - 1
@@ -190,13 +199,14 @@ class StaticTreeConstants:
 
 
 def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token, root_hidden, cache_len, draft_k, draft_v,
-                  sampling: Sampling | None = None, seeds=None):
+                  sampling: Sampling | None = None, seeds=None, draft_decode=None):
     """Each node's token is the rank-th best of its parent's draft logits; D - 1 draft forwards.
 
     With `sampling` (temperature > 0) a node's children are instead its parent's shaped draft
     distribution q's Gumbel-top-k draws (rank r: draw r + 1), keyed by (seeds, cache_len) and the
     parent's node index; the q of every node of a drafted level is kept for the verifier.
     Returns (tree_tokens, parents, depth, tree_mask, draft_probs [B, N, V] float32 or None)."""
+    draft_decode = draft_decode or draft.decode
     batch, device = root_token.shape[0], root_token.device
     n_nodes, depth_max = plan.size, plan.max_depth
     parents, depth, tree_mask = const.parents, const.depth, const.mask
@@ -223,7 +233,7 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
             break
         # every non-root node reads its parent's guessed feature; nodes deeper than this
         # level compute garbage now and are recomputed once their parents are drafted
-        hidden = draft.decode(tree_tokens[:, 1:], node_hidden[:, parents[1:]],
+        hidden = draft_decode(tree_tokens[:, 1:], node_hidden[:, parents[1:]],
                               cache_len[:, None] + depth[None, 1:] - 1, cache_len, non_root_mask, draft_k, draft_v)
         node_hidden[:, 1:] = hidden
         level_logits = draft.logits(hidden[:, const.level_rows[level]])
@@ -231,12 +241,24 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
             tree_mask.expand(batch, n_nodes, n_nodes), draft_probs)
 
 
+def extend_slot_mask(slot_mask: torch.Tensor, base: int, parent_slot: torch.Tensor) -> None:
+    """Write the ancestor-mask rows of slots base .. base + k - 1 (in place): each row is its
+    parent slot's row (parent_slot [B, k], -1: a child of the root, no row) plus the slot itself.
+    Rows before `base` must already hold their slots' ancestors."""
+    k, n_slots = parent_slot.shape[1], slot_mask.shape[2]
+    parent_rows = slot_mask.gather(1, parent_slot.clamp_min(0)[:, :, None].expand(-1, -1, n_slots))
+    index = torch.arange(n_slots, device=slot_mask.device)
+    itself = index[None, :] == (base + index[:k])[:, None]  # [k, slots]
+    slot_mask[:, base:base + k] = (parent_rows & (parent_slot >= 0)[:, :, None]) | itself
+
+
 def _draft_dynamic(draft, spec: DynamicTree, cand_depth_t: torch.Tensor, root_token, root_hidden, cache_len, draft_k, draft_v,
-                   sampling: Sampling | None = None, seeds=None):
+                   sampling: Sampling | None = None, seeds=None, draft_decode=None):
     """EAGLE-2: per level, the top_k frontier nodes (by cumulative log q) are run through the
     draft and each proposes its top_k children; select_tree keeps the best size - 1.
     Deterministic whatever `sampling` is (its trees are verified with the "q_one" rule, which
     reads no draft probabilities): returns (tree_tokens, parents, depth, tree_mask, None)."""
+    draft_decode = draft_decode or draft.decode
     batch, device = root_token.shape[0], root_token.device
     k, levels, hidden_size = spec.top_k, spec.depth, root_hidden.shape[-1]
     log_q = torch.log_softmax(draft.logits(root_hidden[:, None]).float(), dim=-1)[:, 0]
@@ -249,18 +271,21 @@ def _draft_dynamic(draft, spec: DynamicTree, cand_depth_t: torch.Tensor, root_to
     n_slots = (levels - 1) * k
     slot_tokens = torch.zeros(batch, max(n_slots, 1), dtype=torch.int64, device=device)
     slot_feats = torch.zeros(batch, max(n_slots, 1), hidden_size, dtype=root_hidden.dtype, device=device)
-    slot_parents = torch.full((batch, max(n_slots, 1)), -1, dtype=torch.int64, device=device)
+    # slot_mask[b, i, j]: slot j is slot i or its ancestor. A frontier slot's row is its parent
+    # slot's row plus itself, written once per level (re-deriving the whole mask from parent
+    # pointers every level took log2(slots) dependent kernels).
+    slot_mask = torch.zeros(batch, max(n_slots, 1), max(n_slots, 1), dtype=torch.bool, device=device)
     slot_depth = torch.arange(max(n_slots, 1), device=device) // k + 1
     n_cand = k
     for level in range(1, levels):
         base = (level - 1) * k
         slot_tokens[:, base:base + k] = frontier_tokens
         slot_feats[:, base:base + k] = frontier_feats
-        slot_parents[:, base:base + k] = frontier_parent_slot
+        extend_slot_mask(slot_mask, base, frontier_parent_slot)
         used = level * k
-        hidden = draft.decode(slot_tokens[:, :used], slot_feats[:, :used],
+        hidden = draft_decode(slot_tokens[:, :used], slot_feats[:, :used],
                               cache_len[:, None] + slot_depth[None, :used] - 1, cache_len,
-                              ancestor_mask(slot_parents[:, :used]), draft_k, draft_v)
+                              slot_mask[:, :used, :used], draft_k, draft_v)
         frontier_hidden = hidden[:, base:base + k]
         child_log_q, child_tokens = torch.log_softmax(draft.logits(frontier_hidden).float(), dim=-1).topk(k, dim=-1)
         scores = (frontier_scores[:, :, None] + child_log_q).flatten(1)  # [B, k * k]
@@ -307,11 +332,12 @@ def sampling_rule(plan: TreePlan | DynamicTree, requested: str | None = None) ->
 
 
 def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree, sampling: Sampling | None = None,
-                   verify_rule: str | None = None) -> Callable:
+                   verify_rule: str | None = None, stacked=None) -> Callable:
     """The speculative step; greedy (argmax drafting, specc::verify_greedy) unless `sampling`
     has temperature > 0, then lossless sampling (module docstring) with `verify_rule` (None:
-    the tree's default, see sampling_rule)."""
+    the tree's default, see sampling_rule). `stacked`: the draft's StackedProjections or None."""
     pending_slots = plan.max_depth + 1
+    draft_decode = decoder(draft, stacked)
     sampling = None if sampling is None or sampling.greedy else sampling
     rule = sampling_rule(plan, verify_rule)
     if isinstance(plan, DynamicTree):
@@ -330,13 +356,13 @@ def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree, 
         # 1. catch-up: the draft reads its pending inputs with the target's true features
         draft_len = cache_len - pending_count
         slots = torch.arange(pending_slots, device=device)
-        hidden = draft.decode(pending_tokens, pending_feats, draft_len[:, None] + slots[None, :], draft_len,
+        hidden = draft_decode(pending_tokens, pending_feats, draft_len[:, None] + slots[None, :], draft_len,
                               causal_mask(batch, pending_slots, device), draft_k, draft_v)
         root_hidden = hidden[rows, pending_count - 1]
 
         # 2. draft the tree
         tree_tokens, parents, depth, tree_mask, draft_probs = draft_tree(
-            draft, plan, constants, tokens[:, 0], root_hidden, cache_len, draft_k, draft_v, sampling, seeds)
+            draft, plan, constants, tokens[:, 0], root_hidden, cache_len, draft_k, draft_v, sampling, seeds, draft_decode)
 
         # 3. verify the whole tree in one target forward
         logits, final_hidden, *layers = program(tree_tokens, cache_len[:, None] + depth, cache_len,

@@ -41,13 +41,14 @@ class SpeccBackend:
     tree: object = None
     dump: str | os.PathLike | None = None
     verify_rule: str | None = None
+    fuse_projections: bool = True
     program: TargetProgram | None = field(default=None, repr=False)
     error: Exception | None = field(default=None, repr=False)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
         slot = _CAPTURE.get()
         try:
-            self.program = build_target_program(gm, example_inputs, self.dump)
+            self.program = build_target_program(gm, example_inputs, self.dump, self.fuse_projections)
             self.error = None
         except RecognitionError as error:
             self.program, self.error = None, error
@@ -66,7 +67,7 @@ class SpeccBackend:
 
 
 def backend(draft=None, tree=None, dump: str | os.PathLike | None = None,
-            verify_rule: str | None = None) -> SpeccBackend:
+            verify_rule: str | None = None, fuse_projections: bool = True) -> SpeccBackend:
     """A specc backend for torch.compile.
 
     draft: an EAGLE draft head (specc.draft) or None for plain compiled decoding.
@@ -78,6 +79,9 @@ def backend(draft=None, tree=None, dump: str | os.PathLike | None = None,
     verify_rule: how sampled trees are verified: None picks the best exact rule for the tree
            ("rrs", the draft's true probabilities, on static trees; "q_one" on dynamic ones);
            "q_one" forces the rule that treats each draft probability as 1 (for comparison).
+    fuse_projections: one GEMM for each layer's q/k/v and one for gate/up (fewer, wider kernels
+           per decode step), at the memory cost of a stacked copy of those weights; False keeps
+           the model's own projections (and sees weights changed after compiling).
     """
     from specc.generate import check_tree_option
     from specc.passes.speculative_step import VERIFY_RULES
@@ -85,7 +89,9 @@ def backend(draft=None, tree=None, dump: str | os.PathLike | None = None,
     check_tree_option(tree)
     if verify_rule is not None and verify_rule not in VERIFY_RULES:
         raise ValueError(f"verify_rule={verify_rule!r}; pick one of {VERIFY_RULES} or None (the tree's default)")
-    return SpeccBackend(draft=draft, tree=tree, dump=dump, verify_rule=verify_rule)
+    if not isinstance(fuse_projections, bool):
+        raise TypeError(f"fuse_projections={fuse_projections!r}; pass True or False")
+    return SpeccBackend(draft=draft, tree=tree, dump=dump, verify_rule=verify_rule, fuse_projections=fuse_projections)
 
 
 def registered_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None, mode: str | None = None):
@@ -95,9 +101,10 @@ def registered_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
     backend created for that graph; use `specc.backend(...)` to keep one instance.
     """
     options = dict(options or {})
-    unknown = set(options) - {"draft", "tree", "dump", "verify_rule"}
+    known = ("draft", "tree", "dump", "verify_rule", "fuse_projections")
+    unknown = set(options) - set(known)
     if unknown:
-        raise TypeError(f"unknown specc options {sorted(unknown)}; known: draft, tree, dump, verify_rule")
+        raise TypeError(f"unknown specc options {sorted(unknown)}; known: {', '.join(known)}")
     return backend(**options)(gm, example_inputs)
 
 

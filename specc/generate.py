@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from specc.backend import SpeccBackend, capture
+from specc.draft.eagle import EagleDraft, StackedProjections
 from specc.passes.decode_step import Sampling, choose_tokens, make_plain_step, make_prefill
 from specc.passes.pipeline import TargetProgram
 from specc.passes.step_dump import dumping_backend, write_kernel_sources, write_tree_dump
@@ -127,13 +128,15 @@ class Engine:
     def __init__(self, program: TargetProgram, key: EngineKey, draft=None) -> None:
         self.key = key
         self.program = program
+        self.stacked = None  # the draft's StackedProjections (speculative engines)
         k_cache, v_cache = program.new_cache(key.batch, key.max_seq_len)
         extra = ()
         if key.tree is None:
             prefill, step = make_prefill(program), make_plain_step(program, key.sampling)
         else:
-            prefill = make_spec_prefill(program, draft)
-            step = make_spec_step(program, draft, key.tree, key.sampling, key.verify_rule)
+            self.stacked = StackedProjections(draft) if isinstance(draft, EagleDraft) else None
+            prefill = make_spec_prefill(program, draft, self.stacked)
+            step = make_spec_step(program, draft, key.tree, key.sampling, key.verify_rule, self.stacked)
             draft_k, draft_v = draft.new_cache(key.batch, key.max_seq_len, program.dtype, program.device)
             slots = key.tree.max_depth + 1
             extra = (
@@ -287,6 +290,10 @@ def generate(
     if key not in engines:
         engines[key] = Engine(program, key, backend.draft)
     engine = engines[key]
+    # the stacked projection weights are copies: re-read the model's and the draft's current ones
+    program.refresh_stacked_weights()
+    if engine.stacked is not None:
+        engine.stacked.refresh()
     output = engine.loop.run(prompts, max_new_tokens, stop_ids, seeds, engine.choose_first)
     if program.dump_dir is not None:
         write_kernel_sources(program.dump_dir)

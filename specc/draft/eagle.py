@@ -156,9 +156,11 @@ class EagleDraft(nn.Module):
         tree_mask: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
+        stacked: StackedProjections | None = None,
     ) -> torch.Tensor:
         """Like forward, but writes K/V into the draft cache [1, B, Hkv, S, D] at cache_len + i
-        and attends over the cached prefix plus the new tokens under tree_mask [B, T, T]."""
+        and attends over the cached prefix plus the new tokens under tree_mask [B, T, T].
+        With `stacked` (this draft's StackedProjections), q/k/v and gate/up are one GEMM each."""
         import specc.lowering  # noqa: F401  (registers the ops)
 
         x = self._input(tokens, features)
@@ -166,9 +168,14 @@ class EagleDraft(nn.Module):
         attn = layer.self_attn
         b, t, _ = x.shape
         h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        q_size, kv_size = attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim
+        if stacked is None:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        else:
+            q, k, v = F.linear(h, stacked.qkv).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)
+        k = k.view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        v = v.view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
         cos, sin = self.rotary(positions, x.dtype)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
@@ -177,7 +184,11 @@ class EagleDraft(nn.Module):
         torch.ops.specc.kv_write(v_cache, 0, v, cache_len)
         out = torch.ops.specc.tree_attention(q, k_cache, v_cache, 0, cache_len, tree_mask, attn.head_dim**-0.5)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        h = layer.post_attention_layernorm(x)
+        if stacked is None:
+            return x + layer.mlp(h)
+        gate, up = F.linear(h, stacked.gate_up).chunk(2, dim=-1)
+        return x + layer.mlp.down_proj(F.silu(gate) * up)
 
     def new_cache(self, batch: int, max_seq_len: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
@@ -190,6 +201,37 @@ class EagleDraft(nn.Module):
 
         own = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(own, str(path), metadata={"specc_draft_config": self.config.to_json(), **(extra_metadata or {})})
+
+
+class StackedProjections:
+    """The draft layer's q/k/v weights stacked into one matrix and gate/up into another, so that
+    `decode` runs one GEMM for each group instead of three and two (the draft runs once per tree
+    level, one token or a few dozen per sequence: its GEMMs cost their launch, not their bytes).
+    A copy of the draft's weights: `refresh()` re-reads them in place (same storage, so a captured
+    CUDA graph keeps its pointers); specc.generate refreshes before every call."""
+
+    def __init__(self, draft: EagleDraft) -> None:
+        self._draft = draft
+        qkv, gate_up = self._weights()
+        with torch.no_grad():
+            self.qkv = torch.cat(qkv)
+            self.gate_up = torch.cat(gate_up)
+
+    def _weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        attn, mlp = self._draft.layer.self_attn, self._draft.layer.mlp
+        return ([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
+                [mlp.gate_proj.weight, mlp.up_proj.weight])
+
+    def refresh(self) -> None:
+        qkv, gate_up = self._weights()
+        if (qkv[0].dtype, qkv[0].device) != (self.qkv.dtype, self.qkv.device):
+            raise DraftConfigError(
+                f"the draft moved to {qkv[0].dtype} on {qkv[0].device} after its engine was built for "
+                f"{self.qkv.dtype} on {self.qkv.device}; compile the model again for the new placement"
+            )
+        with torch.no_grad():
+            torch.cat(qkv, out=self.qkv)
+            torch.cat(gate_up, out=self.gate_up)
 
 
 def load_draft(path: str | Path, target: nn.Module | None = None, dtype: torch.dtype | None = None,

@@ -117,3 +117,26 @@ def test_compiled_spec_step_equals_plain_through_inductor():
     spec = specc.generate(torch.compile(target, backend=specc.backend(draft=draft, tree="eagle")),
                           batch_prompts, max_new_tokens=10, compile=True)
     assert spec.tokens == plain.tokens
+
+
+@settings(max_examples=25)
+@given(batch=st.integers(1, 3), k=st.integers(1, 5), levels=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_the_dynamic_drafts_slot_mask_built_level_by_level_is_the_ancestor_mask(batch, k, levels, seed):
+    """_draft_dynamic extends its slot mask one level at a time; the rows must equal the ancestor
+    mask of the slots' parent pointers (a slot of level l > 1 has a parent among level l - 1's)."""
+    from specc.lowering.tree import ancestor_mask
+    from specc.passes.speculative_step import extend_slot_mask
+
+    gen = torch.Generator().manual_seed(seed)
+    n_slots = levels * k
+    parents = torch.full((batch, n_slots), -1, dtype=torch.int64)
+    mask = torch.zeros(batch, n_slots, n_slots, dtype=torch.bool)
+    for level in range(levels):
+        base = level * k
+        parent_slot = torch.full((batch, k), -1, dtype=torch.int64)
+        if level:
+            parent_slot = base - k + torch.randint(0, k, (batch, k), generator=gen)
+        parents[:, base:base + k] = parent_slot
+        extend_slot_mask(mask, base, parent_slot)
+        used = base + k
+        assert torch.equal(mask[:, :used, :used], ancestor_mask(parents[:, :used]))
