@@ -1,21 +1,32 @@
-"""Generated Triton kernel for specc::select_tree (the reference is `select_tree.select_tree_reference`).
+"""Generated Triton kernels for specc::select_tree (the reference is `select_tree.select_tree_reference`).
 
-One program per sequence, no sorting: every position is a count over the candidates. With
-"j before i" the op's ranking (score descending, then depth ascending, then index ascending,
-a total order) and K = N - 1:
+No sorting: every position is a count over the candidates. With "j before i" the op's ranking
+(score descending, then depth ascending, then index ascending, a total order) and K = N - 1:
   rank[i] = #{j : j before i}                           candidate i is kept iff rank[i] < K
-  t       = the candidate of rank K - 1                 so j is kept iff j == t or j before t
-  node[i] = 1 + #{kept j : depth[j] < depth[i], or depth[j] == depth[i] and j before i}
-and the parent p of kept candidate i becomes node[p] (0, the root, when p = -1 or p is not
-kept), counted the same way from p's own score and depth. The counts are [C, BLOCK_J] tiles of
-pairwise comparisons, C / BLOCK_J steps per count: C^2 comparisons for the rank, 2 C^2 for the
-nodes (C = 328 for EAGLE-2's top_k 8, depth 6). Every output entry is written exactly once
-(nodes 1..K are a permutation of the kept candidates). Scores are compared in float32, as the
-reference compares them, so ties are ties in both.
+  node[i] = 1 + #{kept m : (depth[m], rank[m]) < (depth[i], rank[i])}   (lexicographic)
+The second line is the tree's node order (depth ascending, then the ranking) written with the
+ranks: as the ranking is a total order, m before i iff rank[m] < rank[i], so the node count
+compares integers and never scores. The parent p of kept candidate i becomes node[p] (0, the
+root, when p = -1 or p is not kept, i.e. rank[p] >= K), counted the same way from p's own
+depth and rank. Every output entry is written exactly once (nodes 1..K are a permutation of
+the kept candidates). Scores are compared in float32, as the reference compares them, so ties
+are ties in both.
+
+Two launches, because the node count of any candidate needs the rank of every candidate (which
+are kept, and in which order), and programs of one launch cannot wait for each other:
+  select_tree_rank_kernel  writes rank[b, i] (int32 scratch [B, C], written in full),
+  select_tree_node_kernel  reads its sequence's whole rank and depth rows, counts node[i] and
+                           node[p] for its candidates and stores tokens, parents and chosen;
+                           the program of block 0 also writes node 0, the root.
+Both run on a grid of (B, cdiv(C, BLOCK_I)) programs, each owning BLOCK_I candidates i and
+comparing them with all C candidates in [BLOCK_I, BLOCK_J] tiles, C / BLOCK_J steps (one for
+C <= 512): C^2 comparisons for the rank, 2 C^2 for the nodes (C = 456 for top_k 8, depth 8),
+spread over B * cdiv(C, BLOCK_I) programs instead of a serial loop in one program per sequence.
 
 The source is generated from `SELECT_TREE_TEMPLATE` specialised on C and N and loaded by
 lowering/codegen.py (written to the kernel cache folder, imported, memoised);
-`generated_sources()` hands the sources to the pass dumps. Never syncs with the host.
+`generated_sources()` hands the sources to the pass dumps. Never syncs with the host (the
+scratch is a torch.empty, so the op can be captured in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -34,8 +45,8 @@ import triton.language as tl
 
 N_CAND = tl.constexpr($n_cand)  # C
 KEEP = tl.constexpr($keep)  # K = N - 1 candidates kept
-BLOCK_C = tl.constexpr($block_c)  # C rounded up to a power of two
-BLOCK_J = tl.constexpr($block_j)  # candidates compared with all of them per step
+BLOCK_I = tl.constexpr($block_i)  # candidates owned by one program
+BLOCK_J = tl.constexpr($block_j)  # candidates compared with them per step
 
 
 @triton.jit
@@ -45,26 +56,23 @@ def _before(s_j, d_j, j, s_i, d_i, i):
 
 
 @triton.jit
-def _before_in_tree(s_j, d_j, j, s_i, d_i, i):
-    # j before i in the tree's node order: depth ascending, then the ranking
-    return (d_j < d_i) | ((d_j == d_i) & _before(s_j, d_j, j, s_i, d_i, i))
+def _before_in_tree(d_m, r_m, d_i, r_i):
+    # m before i in the tree's node order: depth ascending, then the ranking (rank ascending)
+    return (d_m < d_i) | ((d_m == d_i) & (r_m < r_i))
 
 
 @triton.jit
-def select_tree_kernel(
-    root_ptr, tokens_ptr, scores_ptr, parents_ptr, depth_ptr,  # [B], [B, C] x 3, [C]
-    tree_tokens_ptr, tree_parents_ptr, chosen_ptr,  # [B, K + 1] int64 each, rows contiguous
-    root_stride, tokens_row, tokens_col, scores_row, scores_col, parents_row, parents_col,
-    depth_stride, tree_tokens_row, tree_parents_row, chosen_row,
+def select_tree_rank_kernel(
+    scores_ptr, depth_ptr, rank_ptr,  # [B, C], [C], [B, C] int32 contiguous
+    scores_row, scores_col, depth_stride,
 ):
     b = tl.program_id(0).to(tl.int64)
-    i = tl.arange(0, BLOCK_C)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     valid_i = i < N_CAND
     s_i = tl.load(scores_ptr + b * scores_row + i * scores_col, mask=valid_i, other=0.0).to(tl.float32)
     d_i = tl.load(depth_ptr + i * depth_stride, mask=valid_i, other=0).to(tl.int32)
-
     # rank[i] = #{j : j before i}
-    rank = tl.zeros([BLOCK_C], dtype=tl.int32)
+    rank = tl.zeros([BLOCK_I], dtype=tl.int32)
     for j0 in range(0, N_CAND, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         valid_j = j < N_CAND
@@ -72,32 +80,42 @@ def select_tree_kernel(
         d_j = tl.load(depth_ptr + j * depth_stride, mask=valid_j, other=0).to(tl.int32)
         before = valid_j[None, :] & _before(s_j[None, :], d_j[None, :], j[None, :], s_i[:, None], d_i[:, None], i[:, None])
         rank += tl.sum(before.to(tl.int32), axis=1)
-    kept_i = valid_i & (rank < KEEP)
+    tl.store(rank_ptr + b * N_CAND + i, rank, mask=valid_i)
 
-    # t, the last kept candidate (t = -1 when KEEP = 0: nothing is kept)
-    last = valid_i & (rank == KEEP - 1)
-    s_t = tl.max(tl.where(last, s_i, float("-inf")), axis=0)
-    d_t = tl.max(tl.where(last, d_i, -1), axis=0)
-    t = tl.max(tl.where(last, i, -1), axis=0)
 
-    # The parent candidate p of every i, with its score and depth gathered, and whether it is kept.
+@triton.jit
+def select_tree_node_kernel(
+    root_ptr, tokens_ptr, parents_ptr, depth_ptr, rank_ptr,  # [B], [B, C] x 2, [C], [B, C] int32 contiguous
+    tree_tokens_ptr, tree_parents_ptr, chosen_ptr,  # [B, K + 1] int64 each, rows contiguous
+    root_stride, tokens_row, tokens_col, parents_row, parents_col, depth_stride,
+    tree_tokens_row, tree_parents_row, chosen_row,
+):
+    b = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    i = block * BLOCK_I + tl.arange(0, BLOCK_I)
+    valid_i = i < N_CAND
+    r_i = tl.load(rank_ptr + b * N_CAND + i, mask=valid_i, other=KEEP)
+    d_i = tl.load(depth_ptr + i * depth_stride, mask=valid_i, other=0).to(tl.int32)
+    kept_i = valid_i & (r_i < KEEP)
+
+    # The parent candidate p of every i, with its depth and rank gathered, and whether it is kept.
     p_i = tl.load(parents_ptr + b * parents_row + i * parents_col, mask=valid_i, other=-1).to(tl.int64)
-    has_p = valid_i & (p_i >= 0)
-    s_p = tl.load(scores_ptr + b * scores_row + p_i * scores_col, mask=has_p, other=0.0).to(tl.float32)
+    has_p = kept_i & (p_i >= 0)
+    r_p = tl.load(rank_ptr + b * N_CAND + p_i, mask=has_p, other=KEEP)
     d_p = tl.load(depth_ptr + p_i * depth_stride, mask=has_p, other=0).to(tl.int32)
-    kept_p = has_p & (t >= 0) & ((p_i == t) | _before(s_p, d_p, p_i, s_t, d_t, t))
+    kept_p = has_p & (r_p < KEEP)
 
     # node[i] - 1 and node[p] - 1: the kept candidates m before i (before p) in the tree's order
-    node_i = tl.zeros([BLOCK_C], dtype=tl.int32)
-    node_p = tl.zeros([BLOCK_C], dtype=tl.int32)
+    node_i = tl.zeros([BLOCK_I], dtype=tl.int32)
+    node_p = tl.zeros([BLOCK_I], dtype=tl.int32)
     for m0 in range(0, N_CAND, BLOCK_J):
         m = m0 + tl.arange(0, BLOCK_J)
         valid_m = m < N_CAND
-        s_m = tl.load(scores_ptr + b * scores_row + m * scores_col, mask=valid_m, other=0.0).to(tl.float32)
+        r_m = tl.load(rank_ptr + b * N_CAND + m, mask=valid_m, other=KEEP)
         d_m = tl.load(depth_ptr + m * depth_stride, mask=valid_m, other=0).to(tl.int32)
-        kept_m = (valid_m & (t >= 0) & ((m == t) | _before(s_m, d_m, m, s_t, d_t, t)))[None, :]
-        before_i = _before_in_tree(s_m[None, :], d_m[None, :], m[None, :], s_i[:, None], d_i[:, None], i[:, None])
-        before_p = _before_in_tree(s_m[None, :], d_m[None, :], m[None, :], s_p[:, None], d_p[:, None], p_i[:, None])
+        kept_m = (r_m < KEEP)[None, :]
+        before_i = _before_in_tree(d_m[None, :], r_m[None, :], d_i[:, None], r_i[:, None])
+        before_p = _before_in_tree(d_m[None, :], r_m[None, :], d_p[:, None], r_p[:, None])
         node_i += tl.sum((kept_m & before_i).to(tl.int32), axis=1)
         node_p += tl.sum((kept_m & before_p).to(tl.int32), axis=1)
     node_i += 1
@@ -107,37 +125,46 @@ def select_tree_kernel(
     tl.store(tree_tokens_ptr + b * tree_tokens_row + node_i, token_i, mask=kept_i)
     tl.store(tree_parents_ptr + b * tree_parents_row + node_i, parent_node.to(tl.int64), mask=kept_i)
     tl.store(chosen_ptr + b * chosen_row + node_i, i.to(tl.int64), mask=kept_i)
-    # node 0, the root
-    tl.store(tree_tokens_ptr + b * tree_tokens_row, tl.load(root_ptr + b * root_stride).to(tl.int64))
-    tl.store(tree_parents_ptr + b * tree_parents_row, tl.full([], -1, dtype=tl.int64))
-    tl.store(chosen_ptr + b * chosen_row, tl.full([], -1, dtype=tl.int64))
+    if block == 0:  # node 0, the root
+        tl.store(tree_tokens_ptr + b * tree_tokens_row, tl.load(root_ptr + b * root_stride).to(tl.int64))
+        tl.store(tree_parents_ptr + b * tree_parents_row, tl.full([], -1, dtype=tl.int64))
+        tl.store(chosen_ptr + b * chosen_row, tl.full([], -1, dtype=tl.int64))
 '''
 
-# A [BLOCK_C, BLOCK_J] comparison tile holds at most this many entries. Checked with ptxas for
-# sm_90 only (no GPU timing yet): at C = 328 (BLOCK_C = 512, BLOCK_J = 4) and C = 710 the
-# kernel uses 128 registers at 8 warps and does not spill; tiles of 4096 at 4 warps spilled.
-_TILE = 2048
+# Candidates per program. Small enough that one sequence of EAGLE-2's sizes spreads over tens of
+# SMs (C = 456: 29 programs, C = 328: 21), large enough that a program's loads of the rows it
+# compares against (C scores and depths, or C ranks and depths) are shared by 16 candidates.
+_BLOCK_I = 16
+# A [BLOCK_I, BLOCK_J] comparison tile holds at most this many entries: C <= 512 is compared in
+# one step, C <= 1024 in two.
+_TILE = 8192
+# Tile entries per thread: 8 warps for an 8192-entry tile, 32 entries a thread (the node kernel
+# has two such tiles, reduced as they are computed). Checked with ptxas for sm_90 only (Triton
+# 3.6, no GPU timing yet): at C = 328 and 456 (one [16, 512] step) and C = 710 (two), 8 warps
+# take 48-73 registers in the rank kernel and 102-110 in the node kernel, no local memory (no
+# spills); 4 warps take 71 and 106 for the same tiles, and BLOCK_I = 32 at 8 warps 128 and 213.
+_ENTRIES_PER_THREAD = 32
+
+
+def _blocks(n_cand: int) -> tuple[int, int]:
+    """(BLOCK_I, BLOCK_J) for `n_cand` candidates."""
+    block_c = max(2, next_power_of_2(n_cand))
+    block_i = min(_BLOCK_I, block_c)
+    return block_i, max(2, min(block_c, _TILE // block_i))
 
 
 def _num_warps(n_cand: int) -> int:
-    block_c = next_power_of_2(n_cand)
-    return 8 if block_c >= 256 else 4 if block_c >= 64 else 1
+    block_i, block_j = _blocks(n_cand)
+    return max(1, min(8, block_i * block_j // (32 * _ENTRIES_PER_THREAD)))
 
 
 @functools.cache
 def kernel_source(*, n_cand: int, n_nodes: int) -> str:
-    """The kernel's source for `n_cand` candidates and trees of `n_nodes` nodes (deterministic)."""
+    """The kernels' source for `n_cand` candidates and trees of `n_nodes` nodes (deterministic)."""
     if n_cand < 1 or not 1 <= n_nodes <= n_cand + 1:
         raise ValueError(f"no select_tree kernel for n_cand={n_cand}, n_nodes={n_nodes} (needs 1 <= n_nodes <= n_cand + 1)")
-    block_c = max(2, next_power_of_2(n_cand))
-    return render(
-        SELECT_TREE_TEMPLATE,
-        n_cand=n_cand,
-        n_nodes=n_nodes,
-        keep=n_nodes - 1,
-        block_c=block_c,
-        block_j=max(2, min(block_c, _TILE // block_c)),
-    )
+    block_i, block_j = _blocks(n_cand)
+    return render(SELECT_TREE_TEMPLATE, n_cand=n_cand, n_nodes=n_nodes, keep=n_nodes - 1, block_i=block_i, block_j=block_j)
 
 
 def generated_sources() -> dict[str, str]:
@@ -159,8 +186,9 @@ def select_tree_triton(
     chosen) int64 [B, N] with contiguous rows to write into (tests pass poisoned buffers);
     allocated when not given."""
     batch, n_cand = cand_tokens.shape
+    device = cand_tokens.device
     if out is None:
-        out = tuple(torch.empty(batch, n_nodes, dtype=torch.long, device=cand_tokens.device) for _ in range(3))
+        out = tuple(torch.empty(batch, n_nodes, dtype=torch.long, device=device) for _ in range(3))
     for name, t in zip(("tree_tokens", "parents", "chosen"), out):
         if t.shape != (batch, n_nodes) or t.dtype != torch.long or (n_nodes > 1 and t.stride(1) != 1):
             raise ValueError(f"{name} must be int64 [{batch}, {n_nodes}] with contiguous rows; got {t.dtype} {tuple(t.shape)}")
@@ -168,12 +196,21 @@ def select_tree_triton(
         return out
     tree_tokens, parents, chosen = out
     module = load_kernel_module("select_tree", kernel_source(n_cand=n_cand, n_nodes=n_nodes))
-    module.select_tree_kernel[(batch,)](
-        root_token, cand_tokens, cand_scores, cand_parents, cand_depth,
+    block_i, _ = _blocks(n_cand)
+    grid = (batch, -(-n_cand // block_i))
+    num_warps = _num_warps(n_cand)
+    rank = torch.empty(batch, n_cand, dtype=torch.int32, device=device)  # every entry written by the rank kernel
+    module.select_tree_rank_kernel[grid](
+        cand_scores, cand_depth, rank,
+        cand_scores.stride(0), cand_scores.stride(1), cand_depth.stride(0),
+        num_warps=num_warps,
+    )
+    module.select_tree_node_kernel[grid](
+        root_token, cand_tokens, cand_parents, cand_depth, rank,
         tree_tokens, parents, chosen,
-        root_token.stride(0), cand_tokens.stride(0), cand_tokens.stride(1), cand_scores.stride(0),
-        cand_scores.stride(1), cand_parents.stride(0), cand_parents.stride(1), cand_depth.stride(0),
+        root_token.stride(0), cand_tokens.stride(0), cand_tokens.stride(1), cand_parents.stride(0),
+        cand_parents.stride(1), cand_depth.stride(0),
         tree_tokens.stride(0), parents.stride(0), chosen.stride(0),
-        num_warps=_num_warps(n_cand),
+        num_warps=num_warps,
     )
     return out

@@ -193,6 +193,44 @@ def test_kernel_equals_reference_in_interpreter():
     assert all(name.endswith(".py") for name in all_generated_sources())
 
 
+@interpreted
+def test_kernel_programs_cover_every_candidate_block_in_interpreter():
+    # The kernels run cdiv(C, BLOCK_I) programs per sequence; these cases span several blocks,
+    # the last one partial, so a program that misplaces its block (or a root left to a block
+    # that is not there) leaves sentinels behind or writes another sequence's nodes.
+    from specc.lowering.select_tree_triton import _blocks
+
+    # top_k 8, depth 8: 456 candidates, EAGLE-2's large tree; top_k 3, depth 3: 21 candidates;
+    # top_k 10, depth 8: 710 candidates, compared in two steps of BLOCK_J, the second partial.
+    for top_k, depth in ((8, 8), (3, 3), (10, 8)):
+        n_cand = top_k + (depth - 1) * top_k * top_k
+        block_i, block_j = _blocks(n_cand)
+        assert n_cand > block_i and n_cand % block_i != 0, (n_cand, block_i)
+        assert (n_cand > block_j) == (top_k == 10), (n_cand, block_j)
+        for n_nodes, tied in ((1, True), (2, True), (7, True), (min(64, n_cand), True), (min(64, n_cand), False),
+                              (n_cand + 1, True)):
+            case = dict(batch=3, top_k=top_k, depth=depth, n_nodes=n_nodes, tied=tied, offset=-24.0,
+                        seed=n_nodes, token_dtype=torch.int64, parent_dtype=torch.int32)
+            check_kernel_against_reference(case, "cpu")
+    # One partial block (top_k 2, depth 2: 6 candidates): only program 0 can write the root.
+    check_kernel_against_reference(dict(batch=2, top_k=2, depth=2, n_nodes=4, tied=True, offset=0.0, seed=4,
+                                        token_dtype=torch.int64, parent_dtype=torch.int64), "cpu")
+    # Each candidate the child of the one before it, five to a level. Every score equal: the
+    # order is depth, then index, across blocks. Scores rising with the index in sequence 0
+    # (never drafted; the reference still defines the output) and falling in sequence 1: in 0
+    # the kept candidates lie in the last, partial block and their parents, kept or not, before.
+    n_cand, batch = 37, 2
+    root = torch.tensor([5, 6])
+    tokens = torch.arange(batch * n_cand).reshape(batch, n_cand)
+    depth = torch.arange(n_cand) // 5 + 1
+    chain = torch.arange(-1, n_cand - 1).expand(batch, n_cand)
+    flat = (root, tokens, torch.full((batch, n_cand), -3.0), chain, depth)
+    rising = (root, tokens, torch.stack([torch.arange(n_cand) * 0.5, -torch.arange(n_cand) * 0.5]).float(), chain, depth)
+    for inputs in (flat, rising):
+        for n_nodes in (1, 6, 20, n_cand + 1):
+            check_kernel_against_reference({"n_nodes": n_nodes}, "cpu", inputs)
+
+
 @pytest.mark.gpu
 @settings(max_examples=60, deadline=None)
 @given(case=candidate_sets(max_batch=8, max_top_k=10, max_depth=8))
