@@ -35,6 +35,9 @@ temperature / top-k / top-p (sampling.shape_logits) and specc::verify_sampling a
                  which biases "rrs" (see verify_sampling.py); the tree is drafted as in greedy
                  (deterministic top-k) and verified with "q_one", exact for any tree chosen
                  without the verifier's random numbers.
+Top-k picks (the draft's children, EAGLE-2's frontier) use specc::topk: torch.topk's values,
+with ties broken toward the lower index on every device (torch.topk leaves the order open), and
+two kernel launches on the GPU where torch.topk's radix select over a vocabulary row takes 6-10.
 Random numbers are keyed by (seed[b], counter = cache_len[b]): unique per request and step, and
 independent of the batch position; the draft's Gumbel noise (row id = the parent node) and the
 verifier's coins use different streams.
@@ -221,7 +224,7 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
         draft_probs = torch.zeros(batch, n_nodes, level_logits.shape[-1], dtype=torch.float32, device=device)
     for level in range(1, depth_max + 1):
         if sampling is None:
-            top = level_logits.topk(plan.children_needed(level - 1), dim=-1).indices  # [B, |previous|, k]
+            top = torch.ops.specc.topk(level_logits, plan.children_needed(level - 1))[1]  # [B, |previous|, k]
         else:
             parents_here = const.level_nodes[level - 1]
             q = torch.ops.specc.shape_probs(level_logits, sampling.temperature, sampling.top_k, sampling.top_p)
@@ -262,7 +265,7 @@ def _draft_dynamic(draft, spec: DynamicTree, cand_depth_t: torch.Tensor, root_to
     batch, device = root_token.shape[0], root_token.device
     k, levels, hidden_size = spec.top_k, spec.depth, root_hidden.shape[-1]
     log_q = torch.log_softmax(draft.logits(root_hidden[:, None]).float(), dim=-1)[:, 0]
-    frontier_scores, frontier_tokens = log_q.topk(k, dim=-1)
+    frontier_scores, frontier_tokens = torch.ops.specc.topk(log_q, k)
     cand_tokens, cand_scores = [frontier_tokens], [frontier_scores]
     cand_parents = [torch.full((batch, k), -1, dtype=torch.int64, device=device)]
     frontier_cand = torch.arange(k, device=device).expand(batch, k)
@@ -287,13 +290,13 @@ def _draft_dynamic(draft, spec: DynamicTree, cand_depth_t: torch.Tensor, root_to
                               cache_len[:, None] + slot_depth[None, :used] - 1, cache_len,
                               slot_mask[:, :used, :used], draft_k, draft_v)
         frontier_hidden = hidden[:, base:base + k]
-        child_log_q, child_tokens = torch.log_softmax(draft.logits(frontier_hidden).float(), dim=-1).topk(k, dim=-1)
+        child_log_q, child_tokens = torch.ops.specc.topk(torch.log_softmax(draft.logits(frontier_hidden).float(), dim=-1), k)
         scores = (frontier_scores[:, :, None] + child_log_q).flatten(1)  # [B, k * k]
         child_tokens = child_tokens.flatten(1)
         cand_tokens.append(child_tokens)
         cand_scores.append(scores)
         cand_parents.append(frontier_cand[:, :, None].expand(batch, k, k).flatten(1))
-        best_scores, best = scores.topk(k, dim=-1)
+        best_scores, best = torch.ops.specc.topk(scores, k)
         frontier_tokens, frontier_scores = child_tokens.gather(1, best), best_scores
         frontier_cand = n_cand + best
         frontier_parent_slot = base + best // k
