@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU call: install specc, run the GPU tests, the real-model checks and benchmarks.
 # Usage (second of the two model calls in ../shared/GPU.md, carry .gpu2; scripts/gpu_model.sh):
-#   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] [step_diff] [profile] ...
+#   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] [step_diff] [profile] [attention] ...
 # DRAFT=path measures another head than the shipped one (spec, sampling); UNTRAINED_PROMPTS=0
 # skips the untrained-head rows of spec. TAG=_x suffixes the gap, step_diff, systems and profile files.
 # PROFILE_ARGS='--trees eagle;dynamic:8,8,64 --steps 50' for profile (no inner quotes: the value is split on spaces).
@@ -31,6 +31,7 @@ for job in "$@"; do
               | grep --line-buffered -v -i warn | tee "$OUT/step_diff${TAG:-}.log" | grep --line-buffered -E "^(---|accept)" ;;
     profile) specc bench profile --out "$OUT/profile${TAG:-}.json" ${DRAFT:+--draft "$DRAFT"} ${PROFILE_ARGS:-} 2>&1 \
               | grep --line-buffered -v -i warn | tee "$OUT/profile${TAG:-}.log" | tail -45 ;;
+    attention) python3 scripts/attention_modes.py --out "$OUT/attention_modes.json" 2>&1 | tee "$OUT/attention_modes.log" | tail -45 ;;
     *) echo "unknown job $job" ;;
   esac
 done

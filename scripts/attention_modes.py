@@ -1,0 +1,80 @@
+"""Time specc::tree_attention's two launch modes side by side on the GPU (not a test).
+
+split: flash-decoding chunks of the prefix plus the tree pass, then the merge kernel (two
+launches); fused: one program per (row tile, sequence, KV head) streams prefix and tree through
+one online softmax (one launch). `tree_attention_triton` picks split whenever the row tiles
+alone give under ~2 programs per SM and the cache's capacity exceeds one 256-key chunk, from
+static shapes only; this measures what each mode costs at the context a decode step actually
+sees, for SmolLM2's heads (Hq 9, Hkv 3, D 64) and Llama-3-8B's (32, 8, 128), batch 1, bf16.
+
+    python3 scripts/attention_modes.py --out attention_modes.json
+
+Each figure is the median of 20 CUDA-graph replays of 50 back-to-back calls, in µs per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from specc.lowering.tree_attention_triton import tree_attention_triton
+
+SHAPES = {"smollm2-135m": (9, 3, 64), "llama3-8b": (32, 8, 128)}
+
+
+def _time_per_call(fn, calls: int = 50, replays: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    samples = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", default="128,256,512,1024,2048,4096,8192")
+    parser.add_argument("--nodes", default="1,26,64")
+    parser.add_argument("--capacity", type=int, default=8192 + 128, help="cache positions (sets the split count)")
+    parser.add_argument("--out", default="attention_modes.json")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    rows = []
+    for shape, (n_heads, n_kv, head_dim) in SHAPES.items():
+        k_cache = torch.randn(1, 1, n_kv, args.capacity, head_dim, device=device, dtype=torch.bfloat16)
+        v_cache = torch.randn_like(k_cache)
+        for steps in map(int, args.nodes.split(",")):
+            q = torch.randn(1, n_heads, steps, head_dim, device=device, dtype=torch.bfloat16)
+            mask = torch.ones(steps, steps, dtype=torch.bool, device=device).tril()[None]
+            out = torch.empty_like(q)
+            for context in map(int, args.contexts.split(",")):
+                if context + steps > args.capacity:
+                    continue
+                cache_len = torch.tensor([context], device=device)
+                row = {"shape": shape, "nodes": steps, "context": context}
+                for mode, splits in (("default", None), ("fused", 0)):
+                    row[f"{mode}_us"] = _time_per_call(lambda s=splits: tree_attention_triton(
+                        q, k_cache, v_cache, 0, cache_len, mask, head_dim**-0.5, out=out, num_splits=s))
+                rows.append(row)
+                print(f"{shape:13s} N={steps:3d} context={context:5d}  default (split) {row['default_us']:6.2f} µs  "
+                      f"fused {row['fused_us']:6.2f} µs", flush=True)
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "capacity": args.capacity, "rows": rows}
+    with open(args.out, "w") as handle:
+        json.dump(report, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
