@@ -209,7 +209,8 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
     distribution q's Gumbel-top-k draws (rank r: draw r + 1), keyed by (seeds, cache_len) and the
     parent's node index; the q of every node of a drafted level is kept for the verifier.
     Returns (tree_tokens, parents, depth, tree_mask, draft_probs [B, N, V] float32 or None)."""
-    draft_decode = draft_decode or draft.decode
+    if draft_decode is None:
+        draft_decode = draft.decode
     batch, device = root_token.shape[0], root_token.device
     n_nodes, depth_max = plan.size, plan.max_depth
     parents, depth, tree_mask = const.parents, const.depth, const.mask
@@ -261,7 +262,8 @@ def _draft_dynamic(draft, spec: DynamicTree, cand_depth_t: torch.Tensor, root_to
     draft and each proposes its top_k children; select_tree keeps the best size - 1.
     Deterministic whatever `sampling` is (its trees are verified with the "q_one" rule, which
     reads no draft probabilities): returns (tree_tokens, parents, depth, tree_mask, None)."""
-    draft_decode = draft_decode or draft.decode
+    if draft_decode is None:
+        draft_decode = draft.decode
     batch, device = root_token.shape[0], root_token.device
     k, levels, hidden_size = spec.top_k, spec.depth, root_hidden.shape[-1]
     log_q = torch.log_softmax(draft.logits(root_hidden[:, None]).float(), dim=-1)[:, 0]
