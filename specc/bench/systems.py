@@ -53,6 +53,7 @@ import torch
 
 from specc.bench.common import copy_bandwidth, environment, unique_parameter_bytes
 from specc.models.llama import Llama, LlamaConfig, RMSNorm, rope_inv_freq
+from specc.passes.fused_projections import STACKED_SOURCES
 
 # Llama-3-8B (Meta-Llama-3-8B config.json): untied embeddings, rope theta 5e5, 128K vocabulary.
 LLAMA3_8B = LlamaConfig(
@@ -211,18 +212,22 @@ def prepare_model(config: LlamaConfig = LLAMA3_8B, dtype: torch.dtype = torch.bf
     every layer, and at std 0.02 a 32-layer random Llama amplifies that past the bound (a
     32-layer model 1024 wide at the same activation scale measured 4e-2 on CPU; std 0.002 there:
     1e-2). So the trace runs on weights of std TRACE_STD; the weights are then refilled in
-    place with `std`, which the program reads, since it holds the model's own tensors."""
+    place with `std`, which the program reads: it holds the model's own tensors, and its
+    stacked q/k/v and gate/up copies (passes/fused_projections.py) are refreshed from them."""
     model = build_random_model(config, dtype, device, seed, std=TRACE_STD)
     program = trace_program(model)
     _check_program_holds_weights(program, model)
-    return refill_model_(model, seed, std), program
+    model = refill_model_(model, seed, std)
+    program.refresh_stacked_weights()
+    return model, program
 
 
 def _check_program_holds_weights(program, model: torch.nn.Module) -> None:
     def storages(module):
         return {t.data_ptr() for t in (*module.parameters(), *module.buffers())}
 
-    copied = storages(program.module) - storages(model)
+    stacked = {getattr(program.module, name).data_ptr() for name in program.module.__dict__.get(STACKED_SOURCES, {})}
+    copied = storages(program.module) - storages(model) - stacked
     if copied:
         # a warning, not an error: the timings do not depend on the weights' values
         warnings.warn(

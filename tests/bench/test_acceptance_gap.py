@@ -75,9 +75,9 @@ def test_a_draft_fed_features_one_position_late_is_caught(trained, monkeypatch):
     target, draft, prompts = trained
     honest = draft.decode
 
-    def late(tokens, features, *args):
+    def late(tokens, features, *args, **kwargs):
         # every draft input pairs token p + 1 with the feature of p - 1 (the first input keeps its own)
-        return honest(tokens, torch.cat([features[:, :1], features[:, :-1]], dim=1), *args)
+        return honest(tokens, torch.cat([features[:, :1], features[:, :-1]], dim=1), *args, **kwargs)
 
     monkeypatch.setattr(draft, "decode", late)
     result = acceptance_gap.measure_mode(target, draft, prompts, "reference", DEPTH, NEW)
