@@ -26,18 +26,24 @@ import torch
 
 from specc.bench.common import environment
 
-# kinds, by the first pattern the kernel name contains (lower case)
-KINDS = (
-    ("gemm", ("gemm", "gemv", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "aten::mm", "aten::addmm", "aten::bmm")),
-    ("specc", ("tree_attention", "kv_write", "verify_greedy", "verify_sampling", "commit_kv", "select_tree", "specc::")),
-    ("inductor", ("triton_poi", "triton_red", "triton_per", "triton_tem", "triton_")),
-)
+# kinds, by the first rule the kernel name (lower case) meets. Inductor's kernels come before
+# specc's because Inductor names a fused kernel after the ops it reads, so the rotary kernel that
+# feeds specc::kv_write is "triton_poi_fused_..._kv_write_..." and is Inductor's, not specc's.
+GEMM_PATTERNS = ("gemm", "gemv", "cutlass", "xmma", "cublas", "nvjet", "sm90_", "sm80_", "aten::mm", "aten::addmm", "aten::bmm")
+SPECC_PATTERNS = ("tree_attention", "kv_write", "verify_greedy", "verify_sampling", "commit_kv", "select_tree",
+                  "topk_chunks", "topk_merge", "specc::")
 
 
 def kernel_kind(name: str) -> str:
-    """"gemm", "specc", "inductor" or "other", by the kernel's name."""
+    """"gemm", "inductor", "specc" or "other", by the kernel's name."""
     lower = name.lower()
-    return next((kind for kind, patterns in KINDS if any(p in lower for p in patterns)), "other")
+    if any(p in lower for p in GEMM_PATTERNS):
+        return "gemm"
+    if lower.startswith("triton_"):
+        return "inductor"
+    if any(p in lower for p in SPECC_PATTERNS):
+        return "specc"
+    return "other"
 
 
 def kernel_rows(events, steps: int, device_kernels: bool) -> list[dict]:

@@ -57,6 +57,12 @@ def test_kernel_kinds_follow_the_names():
     assert step_profile.kernel_kind("_tree_attention_prefix_kernel") == "specc"
     assert step_profile.kernel_kind("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "inductor"
     assert step_profile.kernel_kind("void at::native::vectorized_elementwise_kernel<4>") == "other"
+    assert step_profile.kernel_kind("nvjet_sm90_tst_8x64_64x16_4x1_v_bz_TNN") == "gemm"
+    # Inductor names a fused kernel after the ops around it; specc's own kernels are not "triton_"
+    assert step_profile.kernel_kind("triton_poi_fused__to_copy_add_cat_cos_kv_write_mul_neg_sin_1") == "inductor"
+    assert step_profile.kernel_kind("topk_chunks_kernel") == "specc"
+    assert step_profile.kernel_kind("select_tree_rank_kernel") == "specc"
+    assert step_profile.kernel_kind("void at::native::mbtopk::gatherTopK<float, unsigned int, 2>") == "other"
 
 
 def test_summary_and_command_line(profiled):
