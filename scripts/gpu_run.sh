@@ -3,7 +3,7 @@
 # Usage (second of the two model calls in ../shared/GPU.md, carry .gpu2; scripts/gpu_model.sh):
 #   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] [step_diff] [profile] [attention] ...
 # DRAFT=path measures another head than the shipped one (spec, sampling); UNTRAINED_PROMPTS=0
-# skips the untrained-head rows of spec. TAG=_x suffixes the gap, step_diff, systems and profile files.
+# skips the untrained-head rows of spec; SPEC_ARGS adds options (e.g. "--batch-sizes 8,32"). TAG=_x suffixes the gap, step_diff, systems and profile files.
 # PROFILE_ARGS='--trees eagle;dynamic:8,8,64 --steps 50' for profile (no inner quotes: the value is split on spaces).
 # checks: CHECKS_CONFIGS="fp32:eagle;fp32:dynamic:8,8,64" (dtype:tree;...), CHECKS_TOKENS=128.
 # Everything lands under $OUT; the last lines printed are a short table.
@@ -20,7 +20,7 @@ for job in "$@"; do
     plain)  specc bench plain --out "$OUT/plain.json" 2>&1 | tee "$OUT/plain.log" | tail -12 ;;
     spec)   specc bench spec --out "$OUT/spec.json" --plots "$OUT" --trees "${TREES:-dynamic:8,8,64;eagle;chain:6}" \
               ${DRAFT:+--draft "$DRAFT"} $( [ "${UNTRAINED_PROMPTS:-16}" -gt 0 ] && echo --untrained --untrained-prompts "${UNTRAINED_PROMPTS:-16}" ) \
-              --hf-prompts "${HF_PROMPTS:-4}" --max-new-tokens 256 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/spec.log" | tail -30 ;;
+              --hf-prompts "${HF_PROMPTS:-4}" --max-new-tokens 256 ${SPEC_ARGS:-} 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/spec.log" | tail -30 ;;
     sampling) specc bench sampling --out "$OUT/sampling.json" ${DRAFT:+--draft "$DRAFT"} ${SAMPLING_ARGS:-} 2>&1 | grep --line-buffered -v -i warn \
               | tee "$OUT/sampling.log" | tail -12 ;;
     systems) specc bench systems --out "$OUT/systems${TAG:-}.json" --plots "$OUT${TAG:+/plots$TAG}" ${SYSTEMS_ARGS:-} 2>&1 \
@@ -29,7 +29,7 @@ for job in "$@"; do
               | grep --line-buffered -v -i warn | tee "$OUT/gap${TAG:-}.log" | tail -12 ;;
     step_diff) specc bench step-diff --out "$OUT/step_diff${TAG:-}.json" ${DRAFT:+--draft "$DRAFT"} ${STEP_DIFF_ARGS:---b triton,triton_graph,compiled,compiled_graph} 2>&1 \
               | grep --line-buffered -v -i warn | tee "$OUT/step_diff${TAG:-}.log" | grep --line-buffered -E "^(---|accept)" ;;
-    profile) specc bench profile --out "$OUT/profile${TAG:-}.json" ${DRAFT:+--draft "$DRAFT"} ${PROFILE_ARGS:-} 2>&1 \
+    profile) specc bench profile --out "$OUT/profile${TAG:-}.json" --plot "$OUT/profile${TAG:-}.png" ${DRAFT:+--draft "$DRAFT"} ${PROFILE_ARGS:-} 2>&1 \
               | grep --line-buffered -v -i warn | tee "$OUT/profile${TAG:-}.log" | tail -45 ;;
     attention) python3 scripts/attention_modes.py --out "$OUT/attention_modes.json" 2>&1 | tee "$OUT/attention_modes.log" | tail -45 ;;
     *) echo "unknown job $job" ;;

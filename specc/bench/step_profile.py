@@ -8,7 +8,8 @@ does, then profiles `steps` more replays of the captured step (they continue tha
 tables the device kernels per step: name, calls, µs, share, and totals by kind (GEMMs,
 Inductor's fused kernels, specc's own Triton kernels, the rest).
 
-    specc bench profile --trees "eagle;dynamic:8,8,64" --steps 50 --out profile.json
+    specc bench profile --trees "eagle;dynamic:8,8,64" --steps 50 --out profile.json --plot profile.png
+    specc bench profile --from before=old.json --from after=profile.json --plot compare.png   # no profiling
 
 On a CPU (tests) the step runs eagerly and the rows are aten ops by self CPU time.
 """
@@ -146,6 +147,40 @@ def summary(result: dict, top: int = 12) -> str:
     return "\n".join(lines)
 
 
+KIND_ORDER = ("gemm", "inductor", "specc", "other")
+KIND_COLOURS = {"gemm": "#4c72b0", "inductor": "#55a868", "specc": "#c44e52", "other": "#8172b2"}
+
+
+def plot_by_kind(reports: list[tuple[str, dict]], path: Path, figure_class) -> Path:
+    """One horizontal bar per (report, configuration): kernel µs per step stacked by kind (kinds
+    re-derived from the names with kernel_kind, so reports of older rules compare like for like),
+    labelled with the kernel count. `reports`: (label, profile JSON) pairs, drawn in order."""
+    bars = []
+    for label, report in reports:
+        for result in report["results"]:
+            totals = dict.fromkeys(KIND_ORDER, 0.0)
+            for row in result["kernels"]:
+                totals[kernel_kind(row["name"])] += row["us_per_step"]
+            bars.append((f"{result['tree']} ({label})" if label else result["tree"], totals, result["kernels_per_step"]))
+    figure = figure_class(figsize=(8, 0.5 * len(bars) + 1.2))
+    axes = figure.subplots()
+    for index, (name, totals, kernels) in enumerate(reversed(bars)):
+        left = 0.0
+        for kind in KIND_ORDER:
+            axes.barh(index, totals[kind], left=left, color=KIND_COLOURS[kind], label=kind if index == 0 else None)
+            left += totals[kind]
+        axes.text(left, index, f"  {kernels:.0f} kernels", va="center", fontsize=8)
+    axes.set_yticks(range(len(bars)), [name for name, _, _ in reversed(bars)], fontsize=8)
+    axes.set_xlabel("kernel time per step, µs (sum of device kernel durations)")
+    axes.set_xlim(0, max(sum(t.values()) for _, t, _ in bars) * 1.2)
+    axes.legend(loc="lower right", fontsize=8)
+    environment_line = reports[-1][1].get("environment", {})
+    axes.set_title(f"kernels per decode step by kind, {environment_line.get('gpu', 'CPU')}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return path
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--draft", default=None, help="EAGLE head .safetensors (default: the shipped head)")
     parser.add_argument("--model", default=None, help="a Llama GGUF (default: the embedded SmolLM2-135M-Instruct)")
@@ -158,6 +193,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--no-compile", action="store_true", help="run the rewritten programs without Inductor")
     parser.add_argument("--out", default=None, help="JSON report")
+    parser.add_argument("--plot", default=None, help="PNG: kernel time per step by kind, one bar per configuration")
+    parser.add_argument("--from", dest="reports", action="append", default=[], metavar="LABEL=REPORT",
+                        help="plot saved profile reports instead of profiling (repeatable; 'before=a.json'); needs --plot")
     parser.set_defaults(func=cmd_profile)
     return parser
 
@@ -173,6 +211,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from specc.bench.acceptance_gap import load_model_and_head
     from specc.bench.end_to_end import load_prompts, parse_trees
 
+    if args.reports:
+        return _plot_saved_reports(args)
     try:
         trees = parse_trees(args.trees)
     except ValueError as error:
@@ -188,6 +228,36 @@ def cmd_profile(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps({"environment": environment(), "command": shlex.join(sys.argv),
                                               "dtype": str(dtype), "prompt": args.prompt, "results": results},
                                              indent=1))
+    if args.plot:
+        report = {"environment": environment(), "results": results}
+        print(f"plot written: {_plot(args.plot, [('', report)])}")
+    return 0
+
+
+def _plot(path: str, reports: list[tuple[str, dict]]) -> Path | None:
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    except ImportError:
+        print("matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr)
+        return None
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return plot_by_kind(reports, Path(path), Figure)
+
+
+def _plot_saved_reports(args: argparse.Namespace) -> int:
+    if not args.plot:
+        raise SystemExit("--from plots saved reports: give --plot PNG too")
+    reports = []
+    for spec in args.reports:
+        label, _, path = spec.rpartition("=")
+        try:
+            report = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--from {spec}: cannot read a profile report there ({error})") from None
+        if not isinstance(report, dict) or "results" not in report:
+            raise SystemExit(f"--from {spec}: not a `specc bench profile` report (no 'results')")
+        reports.append((label, report))
+    print(f"plot written: {_plot(args.plot, reports)}")
     return 0
 
 

@@ -5,6 +5,7 @@ the plain step's)."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -92,3 +93,31 @@ def test_on_a_gpu_the_rows_are_the_kernels_own_spans():
     assert [(r["name"], r["calls_per_step"], r["us_per_step"]) for r in rows] == [
         ("sm90_xmma_gemm_bf16", 0.5, 6.0), ("triton_poi_fused_add_0", 1.0, 3.0)]
     assert [r["kind"] for r in rows] == ["gemm", "inductor"] and rows[0]["share"] == pytest.approx(2 / 3)
+
+
+def _report(gpu: str, gemm_us: float) -> dict:
+    kernels = [{"name": "nvjet_sm90_tst_8x64", "calls_per_step": 3.0, "us_per_step": gemm_us},
+               {"name": "triton_poi_fused_add_kv_write_0", "calls_per_step": 2.0, "us_per_step": 5.0},
+               {"name": "topk_chunks_kernel", "calls_per_step": 1.0, "us_per_step": 2.0}]
+    return {"environment": {"gpu": gpu}, "results": [{"tree": "plain", "kernels_per_step": 6.0, "kernels": kernels}]}
+
+
+def test_saved_reports_plot_side_by_side(tmp_path):
+    pytest.importorskip("matplotlib")
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    before.write_text(json.dumps(_report("GPU A", 30.0)))
+    after.write_text(json.dumps(_report("GPU A", 10.0)))
+    png = tmp_path / "plots" / "by_kind.png"
+    assert step_profile.main(["--from", f"before={before}", "--from", f"after={after}", "--plot", str(png)]) == 0
+    assert png.stat().st_size > 1000
+
+
+def test_saved_reports_need_a_plot_and_a_profile_report(tmp_path):
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"not": "a profile"}))
+    with pytest.raises(SystemExit, match="give --plot"):
+        step_profile.main(["--from", str(report)])
+    with pytest.raises(SystemExit, match="not a `specc bench profile` report"):
+        step_profile.main(["--from", str(report), "--plot", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="cannot read"):
+        step_profile.main(["--from", str(tmp_path / "missing.json"), "--plot", str(tmp_path / "x.png")])
