@@ -17,8 +17,10 @@ specc.generate does before every call, so weights changed after compiling are st
 The copies cost the memory of those projections once more; turn the pass off with
 specc.backend(fuse_projections=False) when memory is short.
 
-Invariant afterwards: no layer's q/k/v or gate/up linear remains, and each layer has exactly
-one linear per fused group, checked right after the rewrite.
+A group is left as it was when its linears do not share the input, carry a bias, or differ in
+dtype, device or input width. Invariant afterwards, checked right after the rewrite by counting
+linears: every fused q/k/v group is one linear where it was three, every gate/up group one
+where it was two.
 """
 
 from __future__ import annotations

@@ -80,8 +80,8 @@ def backend(draft=None, tree=None, dump: str | os.PathLike | None = None,
            ("rrs", the draft's true probabilities, on static trees; "q_one" on dynamic ones);
            "q_one" forces the rule that treats each draft probability as 1 (for comparison).
     fuse_projections: one GEMM for each layer's q/k/v and one for gate/up (fewer, wider kernels
-           per decode step), at the memory cost of a stacked copy of those weights; False keeps
-           the model's own projections (and sees weights changed after compiling).
+           per decode step), at the memory cost of a stacked copy of those weights (re-read from
+           the model before every specc.generate call); False keeps the model's own projections.
     """
     from specc.generate import check_tree_option
     from specc.passes.speculative_step import VERIFY_RULES

@@ -375,11 +375,14 @@ def spec_state(program, draft, plan, batch: int, context: int, capacity: int, se
 
 def drafting_callable(draft, plan, state: SpecState) -> Callable:
     """Steps 1-2 of the speculative step (catch-up, then the static tree level by level),
-    calling passes/speculative_step.py's own `_draft_static`. Writes only draft-cache rows past
-    the draft's length, identically on every replay."""
+    calling passes/speculative_step.py's own `_draft_static` with the draft's stacked projections,
+    as specc.generate runs it. Writes only draft-cache rows past the draft's length, identically
+    on every replay."""
+    from specc.draft.eagle import StackedProjections
     from specc.passes.pipeline import causal_mask
-    from specc.passes.speculative_step import StaticTreeConstants, _draft_static
+    from specc.passes.speculative_step import StaticTreeConstants, _draft_static, decoder
 
+    draft_decode = decoder(draft, StackedProjections(draft))
     constants = StaticTreeConstants.build(plan, state.cache_len.device)
     batch = state.tokens.shape[0]
     device = state.tokens.device
@@ -389,11 +392,11 @@ def drafting_callable(draft, plan, state: SpecState) -> Callable:
 
     def drafting():
         draft_len = state.cache_len - state.pending_count
-        hidden = draft.decode(state.pending_tokens, state.pending_feats, draft_len[:, None] + slots[None, :], draft_len,
+        hidden = draft_decode(state.pending_tokens, state.pending_feats, draft_len[:, None] + slots[None, :], draft_len,
                               catch_up_mask, state.draft_k, state.draft_v)
         root_hidden = hidden[rows, state.pending_count - 1]
         return _draft_static(draft, plan, constants, state.tokens[:, 0], root_hidden, state.cache_len,
-                             state.draft_k, state.draft_v)
+                             state.draft_k, state.draft_v, draft_decode=draft_decode)
 
     return drafting
 
