@@ -202,15 +202,13 @@ class StaticTreeConstants:
 
 
 def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token, root_hidden, cache_len, draft_k, draft_v,
-                  sampling: Sampling | None = None, seeds=None, draft_decode=None):
+                  sampling: Sampling | None = None, seeds=None, *, draft_decode: Callable):
     """Each node's token is the rank-th best of its parent's draft logits; D - 1 draft forwards.
 
     With `sampling` (temperature > 0) a node's children are instead its parent's shaped draft
     distribution q's Gumbel-top-k draws (rank r: draw r + 1), keyed by (seeds, cache_len) and the
     parent's node index; the q of every node of a drafted level is kept for the verifier.
     Returns (tree_tokens, parents, depth, tree_mask, draft_probs [B, N, V] float32 or None)."""
-    if draft_decode is None:
-        draft_decode = draft.decode
     batch, device = root_token.shape[0], root_token.device
     n_nodes, depth_max = plan.size, plan.max_depth
     parents, depth, tree_mask = const.parents, const.depth, const.mask
@@ -257,13 +255,11 @@ def extend_slot_mask(slot_mask: torch.Tensor, base: int, parent_slot: torch.Tens
 
 
 def _draft_dynamic(draft, spec: DynamicTree, cand_depth_t: torch.Tensor, root_token, root_hidden, cache_len, draft_k, draft_v,
-                   sampling: Sampling | None = None, seeds=None, draft_decode=None):
+                   sampling: Sampling | None = None, seeds=None, *, draft_decode: Callable):
     """EAGLE-2: per level, the top_k frontier nodes (by cumulative log q) are run through the
     draft and each proposes its top_k children; select_tree keeps the best size - 1.
     Deterministic whatever `sampling` is (its trees are verified with the "q_one" rule, which
     reads no draft probabilities): returns (tree_tokens, parents, depth, tree_mask, None)."""
-    if draft_decode is None:
-        draft_decode = draft.decode
     batch, device = root_token.shape[0], root_token.device
     k, levels, hidden_size = spec.top_k, spec.depth, root_hidden.shape[-1]
     log_q = torch.log_softmax(draft.logits(root_hidden[:, None]).float(), dim=-1)[:, 0]
@@ -367,7 +363,8 @@ def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree, 
 
         # 2. draft the tree
         tree_tokens, parents, depth, tree_mask, draft_probs = draft_tree(
-            draft, plan, constants, tokens[:, 0], root_hidden, cache_len, draft_k, draft_v, sampling, seeds, draft_decode)
+            draft, plan, constants, tokens[:, 0], root_hidden, cache_len, draft_k, draft_v, sampling, seeds,
+            draft_decode=draft_decode)
 
         # 3. verify the whole tree in one target forward
         logits, final_hidden, *layers = program(tree_tokens, cache_len[:, None] + depth, cache_len,
