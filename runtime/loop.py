@@ -1,7 +1,8 @@
 """The decode loop: prefill, then replay the compiled step until every sequence stops.
 
 The runtime knows nothing of graphs or kernels. It owns the static buffers, calls
-`prefill(...)` once and `step(...)` (a CUDA-graph replay on GPU) repeatedly. Each step emits
+`prefill(...)` once (with CUDA graphs: at a bucketed prompt length, replayed from that bucket's
+graph) and `step(...)` (a CUDA-graph replay on GPU) repeatedly. Each step emits
 up to K tokens per sequence (`out_tokens [B, K]`, `n_out [B]`): 1 for plain decode, the
 accepted path plus the bonus token for speculative decode. Those are copied to pinned host
 memory without waiting; the host reads a step's tokens only `lag` steps later, so stop
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specc.runtime.buffers import DecodeBuffers
-from specc.runtime.cuda_graph import StepGraph
+from specc.runtime.cuda_graph import PaddedPrefill, StepGraph
 from specc.runtime.stop import StopChecker
 
 
@@ -66,12 +67,19 @@ class DecodeLoop:
         buffers: DecodeBuffers,
         use_cuda_graph: bool,
         lag: int = 2,
+        pad_prefill: bool | None = None,
     ) -> None:
+        """`pad_prefill` (default: use_cuda_graph) prefills at bucketed lengths (PaddedPrefill),
+        from CUDA graphs when use_cuda_graph; False prefills at each batch's exact length."""
         self.prefill = prefill
         self.buffers = buffers
         self.lag = lag
         self.step = StepGraph(step, buffers.step_args()) if use_cuda_graph else None
         self._eager_step = step
+        pad = use_cuda_graph if pad_prefill is None else pad_prefill
+        self.padded_prefill = (
+            PaddedPrefill(prefill, buffers.prefill_args(), buffers.max_seq_len, graphs=use_cuda_graph) if pad else None
+        )
 
     def run(
         self,
@@ -87,7 +95,10 @@ class DecodeLoop:
         sync()
         start = time.perf_counter()
         input_ids, prompt_lens = buffers.load_prompts(prompts, seeds)
-        logits, hidden = self.prefill(input_ids, prompt_lens, *buffers.prefill_args())
+        if self.padded_prefill is not None:
+            logits, hidden = self.padded_prefill(input_ids, prompt_lens)
+        else:
+            logits, hidden = self.prefill(input_ids, prompt_lens, *buffers.prefill_args())
         buffers.after_prefill(prompt_lens, choose_first(logits, hidden))
         first = buffers.tokens[:, 0].cpu().tolist()
         prefill_seconds = time.perf_counter() - start

@@ -38,3 +38,17 @@ def test_compiled_spec_with_an_eagle_head_equals_plain_on_the_gpu(target_and_pla
     spec = specc.generate(torch.compile(target, backend=specc.backend(draft=draft, tree=tree)), PROMPTS, max_new_tokens=24)
     assert spec.tokens == plain.tokens
     assert spec.steps <= plain.steps
+
+
+def test_prefill_graphs_of_every_bucket_decode_as_the_ungraphed_prefill(target_and_plain):
+    # lengths 2..40 cover the buckets 16, 32 and 64, each captured once and replayed for later
+    # prompts of another length in the same bucket
+    target, _ = target_and_plain
+    compiled = torch.compile(target, backend=specc.backend())
+    prompts = [[(7 * i + 3 * j) % CONFIG.vocab_size for j in range(length)] for i, length in enumerate((2, 40, 17, 30, 9))]
+    for prompt in prompts:
+        graphed = specc.generate(compiled, [prompt], max_new_tokens=8, max_seq_len=128)
+        ungraphed = specc.generate(compiled, [prompt], max_new_tokens=8, max_seq_len=128, cuda_graph=False)
+        assert graphed.tokens == ungraphed.tokens, len(prompt)
+    engine = next(e for k, e in compiled.__dict__["_specc_engines"].items() if k.cuda_graph)
+    assert sorted(engine.loop.padded_prefill.graphs) == [16, 32, 64]
