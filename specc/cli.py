@@ -199,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_train_draft_parser(sub)
 
+    from specc.draft import tree_tuning
+
+    tree_tuning.add_parser(sub)
+
     args = parser.parse_args(argv)
     return args.func(args)
 

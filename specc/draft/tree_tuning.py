@@ -58,13 +58,14 @@ def token_ranks(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def chain_ranks(target: torch.nn.Module, draft, sequences: Sequence[Sequence[int]], depth: int,
-                prompt_lens: Sequence[int], batch_size: int = 4) -> torch.Tensor:
-    """Teacher-forced ranks on greedy text (prompt + the target's greedy answer): int64
-    [starts, depth], one row per chain start s whose root s + 1 is the prompt's last token or
-    later and whose `depth` drafted tokens s + 2 .. s + depth + 1 lie in the text. Column k
-    is the rank of the target's greedy token s + k + 2 among the draft's step-k logits, the
-    draft having been fed the text (the greedy tokens) before it.
+def ranks_by_sequence(target: torch.nn.Module, draft, sequences: Sequence[Sequence[int]], depth: int,
+                      prompt_lens: Sequence[int], batch_size: int = 4) -> list[torch.Tensor]:
+    """Teacher-forced ranks on greedy text (prompt + the target's greedy answer), per sequence:
+    int64 [starts, depth] whose row j is the chain start s = prompt_len - 1 + j, i.e. the
+    decode step whose root is token s + 1 (the first step's root is the prefill's token, at
+    position prompt_len). Rows stop where s + depth + 1 would pass the text's end. Column k is
+    the rank of the target's greedy token s + k + 2 among the draft's step-k logits, the draft
+    having been fed the text (the greedy tokens) before it.
 
     Every column is meaningful, not only those after rank-0 ones: the rank-r child of a node
     that carries the greedy token is drafted from that same greedy token, so row s's path of
@@ -75,7 +76,7 @@ def chain_ranks(target: torch.nn.Module, draft, sequences: Sequence[Sequence[int
         raise ValueError(f"{len(sequences)} sequences but {len(prompt_lens)} prompt lengths")
     device = next(draft.parameters()).device
     lm_head = target.lm_head.weight
-    rows = []
+    out = []
     for begin in range(0, len(sequences), batch_size):
         chunk = sequences[begin:begin + batch_size]
         longest = max(map(len, chunk))
@@ -92,10 +93,40 @@ def chain_ranks(target: torch.nn.Module, draft, sequences: Sequence[Sequence[int
         ranks = torch.stack([token_ranks(draft.logits(h).float(), greedy[:, k + 1:k + 1 + width])
                              for k, h in enumerate(hidden)], dim=-1)  # [B, T - 1, depth]
         for row, (seq, prompt_len) in enumerate(zip(chunk, prompt_lens[begin:begin + batch_size])):
-            first, last = max(prompt_len - 2, 0), len(seq) - depth - 2
-            if last >= first:
-                rows.append(ranks[row, first:last + 1].cpu())
+            first, last = prompt_len - 1, len(seq) - depth - 2
+            out.append(ranks[row, first:max(first, last + 1)].cpu())
+    return out
+
+
+def chain_ranks(target: torch.nn.Module, draft, sequences: Sequence[Sequence[int]], depth: int,
+                prompt_lens: Sequence[int], batch_size: int = 4) -> torch.Tensor:
+    """ranks_by_sequence, every sequence's rows in one [starts, depth] tensor."""
+    rows = ranks_by_sequence(target, draft, sequences, depth, prompt_lens, batch_size)
     return torch.cat(rows) if rows else torch.zeros(0, depth, dtype=torch.long)
+
+
+def accepted_depth(path: Sequence[int], tree: set[Path_]) -> int:
+    """How many draft tokens a step accepts whose greedy path of ranks is `path`: the depth of
+    the deepest tree node on it (the tree holds every prefix of its paths)."""
+    depth = 0
+    while depth < len(path) and tuple(path[:depth + 1]) in tree:
+        depth += 1
+    return depth
+
+
+def predicted_accepts(ranks: torch.Tensor, paths: Sequence[Path_], steps: int | None = None) -> list[int]:
+    """The accept lengths (bonus included) a greedy decode with the static tree of `paths`
+    takes, step by step, on the text `ranks` (one sequence's ranks_by_sequence) describes:
+    the first step's root is row 0; a step accepting a moves the root a rows on. Stops where
+    the rows do (or after `steps` steps)."""
+    tree = {tuple(p) for p in paths}
+    lengths, row = [], 0
+    table = ranks.tolist()
+    while row < len(table) and (steps is None or len(lengths) < steps):
+        accept = 1 + accepted_depth(table[row], tree)
+        lengths.append(accept)
+        row += accept
+    return lengths
 
 
 def path_probabilities(ranks: torch.Tensor, max_rank: int) -> dict[Path_, float]:
