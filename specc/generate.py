@@ -177,7 +177,8 @@ class Engine:
 
 def tree_plan(tree) -> TreePlan | DynamicTree:
     """A backend's `tree` option: a parents list, a static tree's name from lowering/tree.py
-    ("eagle", "chain:5", "full"), "dynamic[:top_k,depth,size]", or a TreePlan/DynamicTree."""
+    ("eagle", "chain:5", "full"), "tuned:N,D" (the shipped head's measured-best static tree of N
+    nodes and depth <= D, specc/assets/trees), "dynamic[:top_k,depth,size]", or a TreePlan/DynamicTree."""
     from specc.lowering.tree import static_tree
 
     if tree is None:
@@ -192,6 +193,14 @@ def tree_plan(tree) -> TreePlan | DynamicTree:
             return DynamicTree(*values)
         if name == "chain":
             return TreePlan.from_parents(static_tree("chain", depth=int(arg or 5)))
+        if name == "tuned":
+            # "tuned:N,D": the shipped head's tree of N nodes and depth <= D (specc tune-tree)
+            from specc.draft.tree_tuning import tuned_tree
+
+            values = [int(v) for v in arg.split(",")] if arg else []
+            if len(values) != 2:
+                raise ValueError(f"tree {tree!r}: give the size and the depth, e.g. 'tuned:48,6'")
+            return TreePlan.from_parents(tuned_tree(*values))
         return TreePlan.from_parents(static_tree(name))
     return TreePlan.from_parents(list(tree))
 

@@ -59,7 +59,7 @@ def token_ranks(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def ranks_by_sequence(target: torch.nn.Module, draft, sequences: Sequence[Sequence[int]], depth: int,
-                      prompt_lens: Sequence[int], batch_size: int = 4) -> list[torch.Tensor]:
+                      prompt_lens: Sequence[int], batch_size: int = 4, log=None) -> list[torch.Tensor]:
     """Teacher-forced ranks on greedy text (prompt + the target's greedy answer), per sequence:
     int64 [starts, depth] whose row j is the chain start s = prompt_len - 1 + j, i.e. the
     decode step whose root is token s + 1 (the first step's root is the prefill's token, at
@@ -95,13 +95,15 @@ def ranks_by_sequence(target: torch.nn.Module, draft, sequences: Sequence[Sequen
         for row, (seq, prompt_len) in enumerate(zip(chunk, prompt_lens[begin:begin + batch_size])):
             first, last = prompt_len - 1, len(seq) - depth - 2
             out.append(ranks[row, first:max(first, last + 1)].cpu())
+        if log is not None:
+            log(f"  ranks: {len(out)}/{len(sequences)} sequences")
     return out
 
 
 def chain_ranks(target: torch.nn.Module, draft, sequences: Sequence[Sequence[int]], depth: int,
-                prompt_lens: Sequence[int], batch_size: int = 4) -> torch.Tensor:
+                prompt_lens: Sequence[int], batch_size: int = 4, log=None) -> torch.Tensor:
     """ranks_by_sequence, every sequence's rows in one [starts, depth] tensor."""
-    rows = ranks_by_sequence(target, draft, sequences, depth, prompt_lens, batch_size)
+    rows = ranks_by_sequence(target, draft, sequences, depth, prompt_lens, batch_size, log)
     return torch.cat(rows) if rows else torch.zeros(0, depth, dtype=torch.long)
 
 
@@ -258,30 +260,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default fp32 on a CPU, bf16 on a GPU")
     parser.add_argument("--out", default="tree_tuning.json")
+    parser.add_argument("--save-ranks", default=None, metavar="PT", help="also save the measured ranks here")
+    parser.add_argument("--from-ranks", action="append", default=[], metavar="PT",
+                        help="tune from saved ranks instead of measuring (repeat to pool several)")
     parser.set_defaults(func=cmd_tune_tree)
     return parser
 
 
 def cmd_tune_tree(args: argparse.Namespace) -> int:
-    from specc.bench.acceptance_gap import load_model_and_head
     from specc.bench.common import environment
 
-    if "mt_bench" in str(args.prompts).lower():
-        raise SystemExit("--prompts must not be MT-Bench: the benchmarks measure on it (pick seed-tasks or gsm8k)")
     nodes = [int(n) for n in args.nodes.split(",")]
     depths = [int(d) for d in args.depths.split(",")]
     started = time.perf_counter()
-    model, tokenizer, draft, dtype = load_model_and_head(args, args.dtype)
-    prompts = tuning_prompts(tokenizer, args.prompts, args.n_prompts)
-    print(f"{len(prompts)} prompts from {args.prompts}; greedy answers of up to {args.max_new_tokens} tokens", flush=True)
-    texts = greedy_texts(model, prompts, args.max_new_tokens, args.batch_size, tokenizer.eos_id,
-                         log=lambda line: print(line, flush=True))
-    ranks = chain_ranks(model, draft, texts, max(depths), [len(p) for p in prompts])
+    if args.from_ranks:
+        # re-tune from saved measurements (--save-ranks), pooled: no model needed
+        saved = [torch.load(path) for path in args.from_ranks]
+        ranks = torch.cat([entry["ranks"].long() for entry in saved])
+        measured = {"from_ranks": [{k: v for k, v in entry.items() if k != "ranks"} for entry in saved]}
+        if ranks.shape[1] < max(depths):
+            raise SystemExit(f"the saved ranks go {ranks.shape[1]} deep; --depths asks for {max(depths)}")
+    else:
+        ranks, measured = _measure(args, max(depths))
     result = tune(ranks, nodes, depths)
     report = {"command": "specc " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "environment": environment(),
-              "dtype": str(dtype), "prompts": args.prompts, "n_prompts": len(prompts),
-              "max_new_tokens": args.max_new_tokens, "response_tokens": sum(len(t) - len(p) for t, p in zip(texts, prompts)),
-              "seconds": time.perf_counter() - started, **result}
+              **measured, "seconds": time.perf_counter() - started, **result}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"{result['starts']} chain starts; expected accept length (bonus included):")
     for name, value in result["named_trees"].items():
@@ -292,6 +295,38 @@ def cmd_tune_tree(args: argparse.Namespace) -> int:
     return 0
 
 
-def paths_to_parents(paths: Sequence[Sequence[int]]) -> list[int]:
-    """A tuned tree's paths as the parents list the backend's `tree` option takes."""
-    return tree_from_paths(paths)
+def _measure(args: argparse.Namespace, depth: int) -> tuple[torch.Tensor, dict]:
+    """Greedy answers to the tuning prompts, then the head's ranks on them (and --save-ranks)."""
+    from specc.bench.acceptance_gap import load_model_and_head
+
+    if "mt_bench" in str(args.prompts).lower():
+        raise SystemExit("--prompts must not be MT-Bench: the benchmarks measure on it (pick seed-tasks or gsm8k)")
+    model, tokenizer, draft, dtype = load_model_and_head(args, args.dtype)
+    prompts = tuning_prompts(tokenizer, args.prompts, args.n_prompts)
+    print(f"{len(prompts)} prompts from {args.prompts}; greedy answers of up to {args.max_new_tokens} tokens", flush=True)
+    texts = greedy_texts(model, prompts, args.max_new_tokens, args.batch_size, tokenizer.eos_id,
+                         log=lambda line: print(line, flush=True))
+    ranks = chain_ranks(model, draft, texts, depth, [len(p) for p in prompts], log=lambda line: print(line, flush=True))
+    measured = {"dtype": str(dtype), "prompts": args.prompts, "n_prompts": len(prompts),
+                "max_new_tokens": args.max_new_tokens,
+                "response_tokens": sum(len(t) - len(p) for t, p in zip(texts, prompts))}
+    if args.save_ranks:
+        # ranks past 32767 only ever mean "not in any tree": int16 keeps the file small
+        torch.save({**measured, "ranks": ranks.clamp(max=32767).to(torch.int16)}, args.save_ranks)
+    return ranks, measured
+
+
+# ----- the shipped head's tuned trees (`tree="tuned:N,D"`) --------------------------------------
+TUNED_TREES = Path(__file__).resolve().parent.parent / "assets" / "trees" / "smollm2-135m-instruct-eagle3.json"
+
+
+def tuned_tree(nodes: int, depth: int, path: str | Path = TUNED_TREES) -> list[int]:
+    """The parents list of the N-node, depth <= D tree tuned for the shipped head
+    (specc/assets/trees/README.md says on what). It suits that head; another head wants its
+    own `specc tune-tree` run."""
+    report = json.loads(Path(path).read_text())
+    for tree in report["trees"]:
+        if tree["nodes"] == nodes and tree["depth"] == depth:
+            return tree_from_paths(tree["paths"])
+    have = ", ".join(f"tuned:{t['nodes']},{t['depth']}" for t in report["trees"])
+    raise ValueError(f"no tuned tree of {nodes} nodes and depth {depth} in {Path(path).name}; there are {have}")

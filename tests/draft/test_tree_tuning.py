@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import specc
+import specc.cli
 from specc.draft import tree_tuning
 from specc.draft.data import Sequences
 from specc.draft.train import TrainConfig, train
@@ -120,3 +121,51 @@ def test_fp32_decoding_with_a_static_tree_accepts_what_the_ranks_predict(greedy_
         assert steps[:len(predicted)] == predicted, (paths, prompt)
         lengths |= set(predicted)
     assert len(lengths) >= 2, lengths  # the draft is right sometimes: a comparison with content
+
+
+def test_tune_tree_from_saved_ranks_writes_valid_trees_and_named_trees_expectations(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    # a head right 70% of the time at rank 0, otherwise spread over ranks 1..5
+    ranks = torch.where(torch.rand(500, 4, generator=gen) < 0.7, 0, torch.randint(1, 6, (500, 4), generator=gen))
+    torch.save({"prompts": "synthetic", "ranks": ranks.to(torch.int16)}, tmp_path / "ranks.pt")
+    out = tmp_path / "tuning.json"
+    args = ["tune-tree", "--from-ranks", str(tmp_path / "ranks.pt"), "--nodes", "4,9", "--depths", "2,4", "--out", str(out)]
+    assert specc.cli.main(args) == 0
+    import json
+
+    report = json.loads(out.read_text())
+    assert report["starts"] == 500 and report["from_ranks"] == [{"prompts": "synthetic"}]
+    chain = report["named_trees"]["chain:4"]
+    reach = torch.cumprod((ranks == 0).double(), dim=1).mean(0)  # P(first d drafts all right)
+    assert chain == pytest.approx(1 + float(reach.sum()))
+    assert report["chain_reach"] == pytest.approx(reach.tolist())
+    for tree in report["trees"]:
+        parents = tree_from_paths(tree["paths"])
+        validate_parents(parents)
+        assert len(parents) == tree["nodes"] and tree["levels"] <= tree["depth"]
+    # the 9-node tree of depth <= 4 beats the 4-node chain of the same depth budget
+    best = {(t["nodes"], t["depth"]): t["expected_accept_length"] for t in report["trees"]}
+    assert best[(9, 4)] >= best[(4, 4)] >= best[(4, 2)] - 1e-12
+    with pytest.raises(SystemExit, match="4 deep"):
+        specc.cli.main(["tune-tree", "--from-ranks", str(tmp_path / "ranks.pt"), "--depths", "6", "--out", str(out)])
+
+
+def test_tuned_tree_names_the_sizes_there_are(tmp_path):
+    table = tmp_path / "trees.json"
+    table.write_text('{"trees": [{"nodes": 4, "depth": 2, "paths": [[0], [1], [0, 0]]}]}')
+    assert tree_tuning.tuned_tree(4, 2, table) == [-1, 0, 0, 1]
+    with pytest.raises(ValueError, match="there are tuned:4,2"):
+        tree_tuning.tuned_tree(5, 2, table)
+
+
+def test_the_shipped_tuned_trees_load_as_plans():
+    from specc.generate import tree_plan
+
+    import json
+
+    report = json.loads(tree_tuning.TUNED_TREES.read_text())
+    for tree in report["trees"]:
+        plan = tree_plan(f"tuned:{tree['nodes']},{tree['depth']}")
+        assert plan.size == tree["nodes"] and plan.max_depth == tree["levels"]
+    with pytest.raises(ValueError, match="give the size and the depth"):
+        tree_plan("tuned:48")
