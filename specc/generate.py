@@ -12,10 +12,11 @@ step in a CUDA graph on GPU. Later calls with the same configuration reuse all o
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.fx.experimental._config
 
 from specc.backend import SpeccBackend, capture
 from specc.draft.eagle import EagleDraft, StackedProjections
@@ -61,6 +62,19 @@ def _allow_one_compile_per_engine() -> None:
     specc backend traces the same model forward; Dynamo counts each as a recompile of that code
     (8 by default, after which fullgraph raises and a plain forward skips the backend)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
+def _without_duck_sizing(compiled_prefill: Callable) -> Callable:
+    """The dynamic-length prefill, traced with one size symbol per dimension. Dynamo's duck
+    sizing otherwise gives every dimension of equal size one symbol: a first prompt padded to 64
+    tokens would tie the prompt length to the head dim (64) and the next bucket would recompile
+    (seen on the GPU at `fail_on_recompile`)."""
+
+    def prefill(*args):
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return compiled_prefill(*args)
+
+    return prefill
 
 
 def target_program(compiled: torch.nn.Module) -> tuple[TargetProgram, SpeccBackend]:
@@ -154,7 +168,7 @@ class Engine:
             _allow_one_compile_per_engine()
             prefill_backend = dumping_backend(dump, "05_prefill") if dump else "inductor"
             step_backend = dumping_backend(dump, step_name) if dump else "inductor"
-            prefill = torch.compile(prefill, fullgraph=True, dynamic=True, backend=prefill_backend)
+            prefill = _without_duck_sizing(torch.compile(prefill, fullgraph=True, dynamic=True, backend=prefill_backend))
             step = torch.compile(step, fullgraph=True, dynamic=False, backend=step_backend)
         self.buffers = DecodeBuffers(k_cache, v_cache, program.vocab_size, extra)
         if key.tree is not None:

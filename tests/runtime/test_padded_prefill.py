@@ -66,3 +66,24 @@ def test_padded_prefill_decodes_the_same_tokens(tree, prompts, monkeypatch):
     assert seen and all(length > max(map(len, prompts)) for length in seen)  # it did pad
     assert padded.tokens == exact.tokens
     assert padded.accept_lengths == exact.accept_lengths
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tree", [None, "chain:2"])
+def test_a_new_bucket_does_not_recompile_the_prefill(tree, monkeypatch):
+    # the first bucket (16) equals the head dim (16): Dynamo's duck sizing would tie the two and
+    # recompile at the next bucket, which fail_on_recompile turns into an error
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    target = reference_llama(config, seed=5)
+    backend = specc.backend()
+    if tree is not None:
+        draft = seeded_weights(EagleDraft(DraftConfig.for_target(config, "eagle3")), 9).attach_to(target).eval()
+        backend = specc.backend(draft=draft, tree=tree)
+    compiled = torch.compile(target, backend=backend)
+    monkeypatch.setattr(sys.modules["specc.generate"], "DecodeLoop", functools.partial(DecodeLoop, pad_prefill=True))
+    first = specc.generate(compiled, [[3, 4, 5]], max_new_tokens=4, max_seq_len=128)
+    with torch.compiler.set_stance("fail_on_recompile"):  # the same engine (batch 1), a new bucket (32)
+        specc.generate(compiled, [list(range(1, 21))], max_new_tokens=4, max_seq_len=128)
+        again = specc.generate(compiled, [[3, 4, 5]], max_new_tokens=4, max_seq_len=128)
+    assert again.tokens == first.tokens
