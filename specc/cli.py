@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -38,11 +39,15 @@ def _load(args):
     model, tokenizer = loader(args.model, dtype=dtype, device=_device(args.device))
     draft = None
     draft_path = _draft_path(args)
+    tree = getattr(args, "tree", None)
     if draft_path is not None:
+        from specc.draft import SHIPPED_HEAD, SHIPPED_HEAD_TREES
         from specc.draft.eagle import load_draft
 
         draft = load_draft(draft_path, model)
-    compiled = torch.compile(model, backend=specc.backend(draft=draft, tree=getattr(args, "tree", None),
+        if tree is None and Path(draft_path).resolve() == SHIPPED_HEAD:
+            tree = SHIPPED_HEAD_TREES  # the trees measured best for this head, per batch size
+    compiled = torch.compile(model, backend=specc.backend(draft=draft, tree=tree,
                                                           dump=getattr(args, "out", None),
                                                           verify_rule=getattr(args, "verify_rule", None)))
     return compiled, tokenizer
@@ -81,7 +86,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                              "head for the embedded model, none for a --model of your own")
     parser.add_argument("--no-draft", action="store_true", help="plain decode, no speculation")
     parser.add_argument("--tree", default=None,
-                        help='draft tree: "eagle" (default static), "chain:5", "full", or "dynamic[:top_k,depth,size]"')
+                        help='draft tree: "eagle" (the default static tree), "tuned:N,D" (the shipped head\'s '
+                             'measured-best static trees; the default with that head), "chain:5", "full", or '
+                             '"dynamic[:top_k,depth,size]"')
     parser.add_argument("--verify-rule", choices=["rrs", "q_one"], default=None,
                         help="sampled verification: default the tree's exact rule (rrs on static trees, "
                              "q_one on dynamic); q_one treats draft probabilities as 1")

@@ -11,6 +11,13 @@ from pathlib import Path
 SHIPPED_HEAD = Path(__file__).resolve().parent.parent / "assets" / "draft" / "smollm2-135m-instruct-eagle3.safetensors"
 
 
+# The shipped head's tree per batch size ({largest batch: tree}, the backend's `tree` option), the
+# best measured on an H200 (BENCHMARKS.md, sixth run; 80 MT-Bench first turns, greedy): the
+# tuned 64-node tree at batch 1 (2.01x plain), the tuned 8-node one at batch 8 (1.44x), a chain
+# of 2 from there on (1.23x at batch 32). The tuned trees suit this head alone (specc/assets/trees).
+SHIPPED_HEAD_TREES = {1: "tuned:64,6", 8: "tuned:8,3", 32: "chain:2"}
+
+
 def default_draft_path() -> Path | None:
     """The head specc ships for the embedded default model, or None when this build has none."""
     return SHIPPED_HEAD if SHIPPED_HEAD.exists() else None
