@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from specc.lowering.tree import static_tree, tree_from_paths
+from specc.lowering.tree import sibling_rank, static_tree, tree_from_paths
 
 Path_ = tuple[int, ...]
 
@@ -179,12 +179,7 @@ def best_tree(probability: dict[Path_, float], nodes: int, depth: int) -> list[P
 def tree_paths(parents: Sequence[int]) -> list[Path_]:
     """The sibling-rank paths of a parents list's non-root nodes (tree_from_paths' inverse)."""
     paths: list[Path_] = [()]
-    seen_children: Counter[int] = Counter()
-    for node, parent in enumerate(parents):
-        if node == 0:
-            continue
-        rank = seen_children[parent]
-        seen_children[parent] += 1
+    for parent, rank in list(zip(parents, sibling_rank(parents)))[1:]:
         paths.append(paths[parent] + (rank,))
     return paths[1:]
 
