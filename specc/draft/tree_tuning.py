@@ -255,6 +255,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default fp32 on a CPU, bf16 on a GPU")
     parser.add_argument("--out", default="tree_tuning.json")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="expected accept length against tree size")
     parser.add_argument("--save-ranks", default=None, metavar="PT", help="also save the measured ranks here")
     parser.add_argument("--from-ranks", action="append", default=[], metavar="PT",
                         help="tune from saved ranks instead of measuring (repeat to pool several)")
@@ -287,6 +288,8 @@ def cmd_tune_tree(args: argparse.Namespace) -> int:
     for tree in result["trees"]:
         print(f"  N={tree['nodes']:3d} D<={tree['depth']} (levels {tree['levels']}): {tree['expected_accept_length']:.3f}")
     print(f"wrote {args.out}")
+    if args.plot and plot_tuning(report, args.plot):
+        print(f"plot written: {args.plot}")
     return 0
 
 
@@ -309,6 +312,36 @@ def _measure(args: argparse.Namespace, depth: int) -> tuple[torch.Tensor, dict]:
         # ranks past 32767 only ever mean "not in any tree": int16 keeps the file small
         torch.save({**measured, "ranks": ranks.clamp(max=32767).to(torch.int16)}, args.save_ranks)
     return ranks, measured
+
+
+def plot_tuning(report: dict, path: str | Path) -> Path | None:
+    """Expected accept length against tree size, one line per largest depth, with the named
+    trees ("eagle", the chains) as points: where a deeper or a wider tree pays."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    except ImportError:
+        print("matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr)
+        return None
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
+    for depth in sorted({t["depth"] for t in report["trees"]}):
+        trees = sorted((t for t in report["trees"] if t["depth"] == depth), key=lambda t: t["nodes"])
+        axes.plot([t["nodes"] for t in trees], [t["expected_accept_length"] for t in trees], marker="o",
+                  label=f"best tree, depth <= {depth}")
+    for name, value in report["named_trees"].items():
+        nodes = len(static_tree("eagle")) if name == "eagle" else int(name.split(":")[1]) + 1
+        axes.scatter([nodes], [value], marker="x", color="black")
+        axes.annotate(name, (nodes, value), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("tree nodes N (root included)")
+    axes.set_ylabel("expected accept length (bonus included)")
+    axes.set_title(f"{report['starts']} chain starts, teacher-forced", fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return Path(path)
 
 
 # ----- the shipped head's tuned trees (`tree="tuned:N,D"`) --------------------------------------

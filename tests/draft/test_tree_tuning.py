@@ -129,8 +129,10 @@ def test_tune_tree_from_saved_ranks_writes_valid_trees_and_named_trees_expectati
     ranks = torch.where(torch.rand(500, 4, generator=gen) < 0.7, 0, torch.randint(1, 6, (500, 4), generator=gen))
     torch.save({"prompts": "synthetic", "ranks": ranks.to(torch.int16)}, tmp_path / "ranks.pt")
     out = tmp_path / "tuning.json"
-    args = ["tune-tree", "--from-ranks", str(tmp_path / "ranks.pt"), "--nodes", "4,9", "--depths", "2,4", "--out", str(out)]
+    args = ["tune-tree", "--from-ranks", str(tmp_path / "ranks.pt"), "--nodes", "4,9", "--depths", "2,4", "--out", str(out),
+            "--plot", str(tmp_path / "tuning.png")]
     assert specc.cli.main(args) == 0
+    assert (tmp_path / "tuning.png").stat().st_size > 1000
     import json
 
     report = json.loads(out.read_text())
