@@ -31,6 +31,7 @@ test prompts would report an acceptance it did not earn.
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import json
 import shlex
@@ -225,8 +226,9 @@ def tune(ranks: torch.Tensor, nodes: Sequence[int], depths: Sequence[int], max_r
     """Best trees per (N, D) and the expected accept length of each, with the named trees'."""
     probability = path_probabilities(ranks, max_rank)
     named = {"eagle": static_tree("eagle"), **{f"chain:{d}": static_tree("chain", depth=d) for d in range(1, 9)}}
-    reference = {name: expected_accept_length(tree_paths(parents), probability) for name, parents in named.items()
-                 if max(map(len, tree_paths(parents))) <= ranks.shape[1]}
+    named_paths = {name: tree_paths(parents) for name, parents in named.items()}
+    reference = {name: expected_accept_length(paths, probability) for name, paths in named_paths.items()
+                 if max(map(len, paths)) <= ranks.shape[1]}
     trees = []
     for depth in depths:
         for n in nodes:
@@ -234,8 +236,8 @@ def tune(ranks: torch.Tensor, nodes: Sequence[int], depths: Sequence[int], max_r
             trees.append({"nodes": n, "depth": depth, "levels": max(map(len, paths), default=0),
                           "expected_accept_length": expected_accept_length(paths, probability),
                           "paths": [list(p) for p in paths]})
-    by_depth = [sum(1 for row in ranks.tolist() if all(r == 0 for r in row[:k + 1])) / max(1, ranks.shape[0])
-                for k in range(ranks.shape[1])]
+    # the share of starts whose first k + 1 drafts are all the top-1 token (a chain's reach)
+    by_depth = torch.cumprod((ranks == 0).double(), dim=1).mean(0).tolist() if ranks.shape[0] else [0.0] * ranks.shape[1]
     rank_share = [[float((ranks[:, k] == r).float().mean()) for r in range(8)] for k in range(ranks.shape[1])]
     return {"starts": int(ranks.shape[0]), "chain_reach": by_depth, "rank_share_by_depth": rank_share,
             "named_trees": reference, "trees": trees}
@@ -348,11 +350,17 @@ def plot_tuning(report: dict, path: str | Path) -> Path | None:
 TUNED_TREES = Path(__file__).resolve().parent.parent / "assets" / "trees" / "smollm2-135m-instruct-eagle3.json"
 
 
+@functools.lru_cache(maxsize=8)
+def _tuned_table(path: str) -> dict:
+    # read once per file: tree_plan resolves the tree option on every generate call
+    return json.loads(Path(path).read_text())
+
+
 def tuned_tree(nodes: int, depth: int, path: str | Path = TUNED_TREES) -> list[int]:
     """The parents list of the N-node, depth <= D tree tuned for the shipped head
     (specc/assets/trees/README.md says on what). It suits that head; another head wants its
     own `specc tune-tree` run."""
-    report = json.loads(Path(path).read_text())
+    report = _tuned_table(str(path))
     for tree in report["trees"]:
         if tree["nodes"] == nodes and tree["depth"] == depth:
             return tree_from_paths(tree["paths"])
