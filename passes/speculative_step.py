@@ -35,6 +35,8 @@ temperature / top-k / top-p (sampling.shape_logits) and specc::verify_sampling a
                  which biases "rrs" (see verify_sampling.py); the tree is drafted as in greedy
                  (deterministic top-k) and verified with "q_one", exact for any tree chosen
                  without the verifier's random numbers.
+The draft proposes from its draft vocabulary when it has one (specc/draft/vocab.py: K of the V
+tokens; q is then zero outside it, which the verifier's residuals handle like any other q).
 Top-k picks (the draft's children, EAGLE-2's frontier) use specc::topk: torch.topk's values,
 with ties broken toward the lower index on every device (torch.topk leaves the order open), and
 two kernel launches on the GPU where torch.topk's radix select over a vocabulary row takes 6-10.
@@ -216,20 +218,21 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
     tree_tokens[:, 0] = root_token
     node_hidden = torch.zeros(batch, n_nodes, root_hidden.shape[-1], dtype=root_hidden.dtype, device=device)
     node_hidden[:, 0] = root_hidden
-    level_logits = draft.logits(root_hidden[:, None])  # [B, 1, V]
+    level_logits = draft.proposal_logits(root_hidden[:, None])  # [B, 1, K] (K = V without a draft vocabulary)
     non_root_mask = tree_mask[1:, 1:].expand(batch, n_nodes - 1, n_nodes - 1)
     draft_probs = None
     if sampling is not None:
-        draft_probs = torch.zeros(batch, n_nodes, level_logits.shape[-1], dtype=torch.float32, device=device)
+        draft_probs = torch.zeros(batch, n_nodes, draft.config.vocab_size, dtype=torch.float32, device=device)
     for level in range(1, depth_max + 1):
         if sampling is None:
             top = torch.ops.specc.topk(level_logits, plan.children_needed(level - 1))[1]  # [B, |previous|, k]
         else:
             parents_here = const.level_nodes[level - 1]
             q = torch.ops.specc.shape_probs(level_logits, sampling.temperature, sampling.top_k, sampling.top_p)
-            draft_probs[:, parents_here] = q
+            draft_probs[:, parents_here] = draft.full_vocab_probs(q)
             # draws past q's support get a token of q = 0, which the verifier never accepts
             top = gumbel_top_k(q.log(), plan.children_needed(level - 1), seeds, cache_len, parents_here[None])[0]
+        top = draft.proposal_tokens(top)
         tree_tokens[:, const.level_nodes[level]] = top[:, const.parent_slot[level], const.child_rank[level]]
         if level == depth_max:
             break
@@ -238,7 +241,7 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
         hidden = draft_decode(tree_tokens[:, 1:], node_hidden[:, parents[1:]],
                               cache_len[:, None] + depth[None, 1:] - 1, cache_len, non_root_mask, draft_k, draft_v)
         node_hidden[:, 1:] = hidden
-        level_logits = draft.logits(hidden[:, const.level_rows[level]])
+        level_logits = draft.proposal_logits(hidden[:, const.level_rows[level]])
     return (tree_tokens, parents.expand(batch, n_nodes), depth.expand(batch, n_nodes),
             tree_mask.expand(batch, n_nodes, n_nodes), draft_probs)
 
@@ -262,8 +265,9 @@ def _draft_dynamic(draft, spec: DynamicTree, cand_depth_t: torch.Tensor, root_to
     reads no draft probabilities): returns (tree_tokens, parents, depth, tree_mask, None)."""
     batch, device = root_token.shape[0], root_token.device
     k, levels, hidden_size = spec.top_k, spec.depth, root_hidden.shape[-1]
-    log_q = torch.log_softmax(draft.logits(root_hidden[:, None]).float(), dim=-1)[:, 0]
+    log_q = torch.log_softmax(draft.proposal_logits(root_hidden[:, None]).float(), dim=-1)[:, 0]
     frontier_scores, frontier_tokens = torch.ops.specc.topk(log_q, k)
+    frontier_tokens = draft.proposal_tokens(frontier_tokens)
     cand_tokens, cand_scores = [frontier_tokens], [frontier_scores]
     cand_parents = [torch.full((batch, k), -1, dtype=torch.int64, device=device)]
     frontier_cand = torch.arange(k, device=device).expand(batch, k)
@@ -288,7 +292,9 @@ def _draft_dynamic(draft, spec: DynamicTree, cand_depth_t: torch.Tensor, root_to
                               cache_len[:, None] + slot_depth[None, :used] - 1, cache_len,
                               slot_mask[:, :used, :used], draft_k, draft_v)
         frontier_hidden = hidden[:, base:base + k]
-        child_log_q, child_tokens = torch.ops.specc.topk(torch.log_softmax(draft.logits(frontier_hidden).float(), dim=-1), k)
+        child_log_q, child_tokens = torch.ops.specc.topk(
+            torch.log_softmax(draft.proposal_logits(frontier_hidden).float(), dim=-1), k)
+        child_tokens = draft.proposal_tokens(child_tokens)
         scores = (frontier_scores[:, :, None] + child_log_q).flatten(1)  # [B, k * k]
         child_tokens = child_tokens.flatten(1)
         cand_tokens.append(child_tokens)
@@ -338,6 +344,11 @@ def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree, 
     has temperature > 0, then lossless sampling (module docstring) with `verify_rule` (None:
     the tree's default, see sampling_rule). `stacked`: the draft's StackedProjections or None."""
     pending_slots = plan.max_depth + 1
+    widest = plan.top_k if isinstance(plan, DynamicTree) else max(plan.children_needed(d) for d in range(plan.max_depth + 1))
+    proposable = getattr(draft, "proposal_vocab_size", None)
+    if proposable is not None and proposable < widest:
+        raise ValueError(f"the draft proposes from {proposable} tokens but the tree gives a node {widest} children; "
+                         f"use a larger draft vocabulary or a narrower tree")
     draft_decode = decoder(draft, stacked)
     sampling = None if sampling is None or sampling.greedy else sampling
     rule = sampling_rule(plan, verify_rule)

@@ -9,7 +9,11 @@
 # compile), falling back to the compiled engines if that fails. Training uses batches of
 # TRAIN_BATCH_TOKENS padded tokens of similar-length sequences and fits its schedule to
 # TRAIN_SECONDS (--fit-steps-to-time). With data already in ~/m/data (SKIP_GEN=1) generation
-# is skipped; with INIT_FROM the run starts from that head's weights.
+# is skipped; with INIT_FROM the run starts from that head's weights. RUN_DIR (default ~/m/run)
+# holds the run, so a second call on the warm machine can train on from the first call's head
+# into a fresh run (RUN_DIR=~/m/run2 SKIP_GEN=1 INIT_FROM=~/m/run/draft-best.safetensors).
+# NO_SHARDS=1 keeps the data shards off $OUT. TUNE=1 then runs `specc tune-tree` for the new head
+# on the GPU in fp32 (seed tasks and GSM8K, as specc/assets/trees was tuned) into $OUT/tuning.json.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 # training batches vary in width: let the allocator grow segments instead of fragmenting
@@ -17,7 +21,8 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source scripts/gpu_model.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-mkdir -p ~/m/run
+RUN_DIR=${RUN_DIR:-$HOME/m/run}
+mkdir -p "$RUN_DIR"
 gen() {
   timeout $(( ${GEN_SECONDS:-150} + 60 )) python3 -m specc.draft.cli --model "$GGUF" --seed "${GEN_SEED:-2}" --steps 0 \
     --generate-data "${GEN_PROMPTS:-20000}" --gen-batch-size "${GEN_BATCH:-256}" --max-new-tokens 256 \
@@ -28,12 +33,21 @@ gen() {
     gen --no-compile || { echo "uncompiled generation failed: compiled engines instead"; GEN_SECONDS=100 GEN_BATCH=64 gen; }
   fi
   timeout $(( ${TRAIN_SECONDS:-330} + 60 )) python3 -m specc.draft.cli --model "$GGUF" --kind eagle3 \
-    --data-dir ~/m/data --out-dir ~/m/run --steps "${TRAIN_STEPS:-100000}" --time-budget "${TRAIN_SECONDS:-330}" \
+    --data-dir ~/m/data --out-dir "$RUN_DIR" --steps "${TRAIN_STEPS:-100000}" --time-budget "${TRAIN_SECONDS:-330}" \
     --fit-steps-to-time --resume --batch-tokens "${TRAIN_BATCH_TOKENS:-24576}" --max-len 768 --lr "${TRAIN_LR:-5e-4}" \
     --seed 0 --eval-every "${EVAL_EVERY:-200}" ${INIT_FROM:+--init-from "$INIT_FROM"} --no-progress
-} 2>&1 | grep --line-buffered -v -i warn | tee ~/m/run/train.log | tail -40
-cp ~/m/run/draft-best.safetensors "$OUT/" 2>/dev/null
+} 2>&1 | grep --line-buffered -v -i warn | tee "$RUN_DIR/train.log" | tail -40
+cp "$RUN_DIR/draft-best.safetensors" "$OUT/" 2>/dev/null
 # the data shards come back while they fit $OUT's 64 MiB (head, run.tar and three 12 MiB shards)
-ls ~/m/data/seqs-*.pt 2>/dev/null | head -3 | xargs -r -I{} cp {} "$OUT/"
-cp ~/m/data/recipe-*.json ~/m/data/prompts-*.jsonl ~/m/run/ 2>/dev/null
-tar -C ~/m/run -cf "$OUT/run.tar" --exclude=ckpt --exclude=draft-best.safetensors . && ls -la "$OUT"
+[ -z "${NO_SHARDS:-}" ] && ls ~/m/data/seqs-*.pt 2>/dev/null | head -3 | xargs -r -I{} cp {} "$OUT/"
+cp ~/m/data/recipe-*.json ~/m/data/prompts-*.jsonl "$RUN_DIR/" 2>/dev/null
+if [ -n "${TUNE:-}" ] && [ -f "$RUN_DIR/draft-best.safetensors" ]; then
+  for source in seed-tasks:96 gsm8k:48; do
+    specc tune-tree --model "$GGUF" --draft "$RUN_DIR/draft-best.safetensors" --device cuda --dtype fp32 \
+      --prompts "${source%%:*}" --n-prompts "${source##*:}" --max-new-tokens 192 --batch-size 48 --nodes 64 --depths 8 \
+      --out "$RUN_DIR/tune-${source%%:*}.json" --save-ranks "$RUN_DIR/ranks-${source%%:*}.pt" 2>&1 | tail -3
+  done
+  specc tune-tree --from-ranks "$RUN_DIR/ranks-seed-tasks.pt" --from-ranks "$RUN_DIR/ranks-gsm8k.pt" \
+    --nodes 8,12,16,25,32,48,64 --depths 3,4,5,6,7,8 --out "$OUT/tuning.json" 2>&1 | tail -50 | tee "$RUN_DIR/tune.log"
+fi
+tar -C "$RUN_DIR" -cf "$OUT/run.tar" --exclude=ckpt --exclude=draft-best.safetensors . && ls -la "$OUT"

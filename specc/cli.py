@@ -44,7 +44,7 @@ def _load(args):
         from specc.draft import SHIPPED_HEAD, SHIPPED_HEAD_TREES
         from specc.draft.eagle import load_draft
 
-        draft = load_draft(draft_path, model)
+        draft = load_draft(draft_path, model, draft_vocab=getattr(args, "draft_vocab", None))
         if tree is None and Path(draft_path).resolve() == SHIPPED_HEAD:
             tree = SHIPPED_HEAD_TREES  # the trees measured best for this head, per batch size
     compiled = torch.compile(model, backend=specc.backend(draft=draft, tree=tree,
@@ -85,6 +85,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         help="an EAGLE draft head (.safetensors from `specc train-draft`); default: the shipped "
                              "head for the embedded model, none for a --model of your own")
     parser.add_argument("--no-draft", action="store_true", help="plain decode, no speculation")
+    parser.add_argument("--draft-vocab", type=int, default=None, metavar="K",
+                        help="the draft proposes from the K tokens its training data used most (0: the whole "
+                             "vocabulary; default: the head file's own choice); lossless either way")
     parser.add_argument("--tree", default=None,
                         help='draft tree: "eagle" (the default static tree), "tuned:N,D" (the shipped head\'s '
                              'measured-best static trees; the default with that head), "chain:5", "full", or '
@@ -209,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     from specc.draft import tree_tuning
 
     tree_tuning.add_parser(sub)
+
+    from specc.draft import vocab
+
+    vocab.add_parser(sub)
 
     args = parser.parse_args(argv)
     return args.func(args)

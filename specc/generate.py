@@ -41,6 +41,7 @@ class EngineKey:
     cuda_graph: bool
     tree: TreePlan | DynamicTree | None = None  # None: plain decode
     verify_rule: str | None = None  # sampled trees: None = the tree's exact default
+    draft_vocab: int = 0  # the draft's draft-vocabulary version: a new vocabulary builds a new engine
 
 
 def _unwrap(compiled: torch.nn.Module) -> torch.nn.Module:
@@ -306,6 +307,7 @@ def generate(
         cuda_graph=(on_gpu and compile) if cuda_graph is None else cuda_graph,
         tree=plan,
         verify_rule=backend.verify_rule if plan is not None else None,
+        draft_vocab=getattr(backend.draft, "draft_vocab_version", 0) if plan is not None else 0,
     )
     if key.cuda_graph and not on_gpu:
         raise ValueError("cuda_graph=True needs the model on a CUDA device")
@@ -317,6 +319,8 @@ def generate(
     program.refresh_stacked_weights()
     if engine.stacked is not None:
         engine.stacked.refresh()
+    if plan is not None and isinstance(backend.draft, EagleDraft):
+        backend.draft.refresh_vocab_head()
     output = engine.loop.run(prompts, max_new_tokens, stop_ids, seeds, engine.choose_first)
     if program.dump_dir is not None:
         write_kernel_sources(program.dump_dir)

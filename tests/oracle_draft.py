@@ -1,7 +1,7 @@
 """A perfect draft for tests: it knows the target's greedy continuation in advance.
 
-It implements the draft interface the speculative step uses (decode, logits, new_cache,
-config.kind) and predicts, at draft position p of sequence b, the token the target's greedy
+It implements the draft interface the speculative step uses (decode, proposal_logits,
+proposal_tokens, full_vocab_probs, new_cache, config) and predicts, at draft position p of sequence b, the token the target's greedy
 decode puts at position p + 2. If the step's machinery loses nothing, every step accepts a
 whole path of the tree's depth.
 """
@@ -21,7 +21,7 @@ class OracleDraft:
             self.table[row, : len(seq)] = torch.tensor(seq)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
-        self.config = SimpleNamespace(kind="eagle")
+        self.config = SimpleNamespace(kind="eagle", vocab_size=vocab_size)
 
     def decode(self, tokens, features, positions, cache_len, tree_mask, k_cache, v_cache):
         batch, steps = tokens.shape
@@ -34,6 +34,15 @@ class OracleDraft:
         rows = hidden[..., 0].long()
         target = self.table[rows, (hidden[..., 1].long() + 2).clamp(max=self.table.shape[1] - 1)]
         return torch.nn.functional.one_hot(target, self.vocab_size).to(hidden.dtype) * 10.0
+
+    # the whole vocabulary: proposals are token ids
+    proposal_logits = logits
+
+    def proposal_tokens(self, index):
+        return index
+
+    def full_vocab_probs(self, probs):
+        return probs
 
     def new_cache(self, batch, max_seq_len, dtype, device):
         return torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=dtype)

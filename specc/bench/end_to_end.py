@@ -26,7 +26,10 @@ Method, so that the decoders do the same work and nothing but decoding is timed:
     charged its group's seconds / b, so tokens/s at batch b is the groups' throughput.
 
 Tree lists: "dynamic:8,8,64" holds commas, so the command line separates trees with ";"
-(`--trees "eagle;chain:6;dynamic:8,8,64"`) or takes `--tree` once per tree.
+(`--trees "eagle;chain:6;dynamic:8,8,64"`) or takes `--tree` once per tree. A tree name may end
+in "@K" (`tuned:64,6@8192`): that tree with the head proposing from its draft vocabulary of K
+tokens (specc/draft/vocab.py; the head file must carry its token counts), side by side with
+the same tree over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -69,8 +72,27 @@ def parse_trees(text: str) -> list[str]:
     return trees
 
 
+DRAFT_VOCAB_MARK = "@"  # "tuned:64,6@8192": that tree, the draft proposing from its top 8192 tokens
+
+
+def split_draft_vocab(tree):
+    """`"eagle@8192"` -> ("eagle", 8192); a tree without the mark -> (tree, None)."""
+    if isinstance(tree, str) and DRAFT_VOCAB_MARK in tree:
+        name, _, size = tree.rpartition(DRAFT_VOCAB_MARK)
+        try:
+            value = int(size)
+        except ValueError:
+            raise ValueError(f"tree {tree!r}: the draft vocabulary after {DRAFT_VOCAB_MARK!r} is a token count, "
+                             f"e.g. 'eagle@8192' (0: the whole vocabulary)") from None
+        if value < 0:
+            raise ValueError(f"tree {tree!r}: a draft vocabulary of {value} tokens")
+        return name, value
+    return tree, None
+
+
 def _check_tree(tree) -> None:
     try:
+        tree = split_draft_vocab(tree)[0]
         tree_plan(tree)
     except (ValueError, TypeError) as error:
         mixed = isinstance(tree, str) and "," in tree and not tree.startswith("dynamic")
@@ -514,7 +536,7 @@ def cache_length(prompts: list[list[int]], max_new_tokens: int, trees: Sequence)
     tree's slack (specc.generate.cache_positions_needed), rounded up to 256."""
     longest = max(len(p) for p in prompts)
     needed = max(cache_positions_needed(longest, max_new_tokens, plan)
-                 for plan in [None, *(tree_plan(t) for t in trees)])
+                 for plan in [None, *(tree_plan(split_draft_vocab(t)[0]) for t in trees)])
     return 256 * math.ceil(needed / 256)
 
 
@@ -550,7 +572,8 @@ def _measure_all(bench: _Bench, report: dict, draft, trees, tree_names, batch_si
         _save(report, out)
 
     plain_compiled = torch.compile(bench.model, backend=specc.backend())
-    spec_compiled = [torch.compile(bench.model, backend=specc.backend(draft=draft, tree=t)) for t in trees]
+    spec_compiled = [torch.compile(bench.model, backend=specc.backend(draft=_draft_for(draft, t), tree=split_draft_vocab(t)[0]))
+                     for t in trees]
     head = "trained" if report["draft"]["trained"] else "untrained"
     plain_by_batch = {}
     for batch in batch_sizes:
@@ -569,6 +592,17 @@ def _measure_all(bench: _Bench, report: dict, draft, trees, tree_names, batch_si
     # HF eager last: the slowest and least needed part of a run cut short by a time limit
     if hf_indices:
         add(bench.hf(hf_model, hf_indices))
+
+
+def _draft_for(draft, tree):
+    """The head a tree name asks for: `draft` itself, or with "@K" a twin sharing its weights
+    that proposes from a draft vocabulary of K tokens (specc/draft/vocab.py)."""
+    size = split_draft_vocab(tree)[1]
+    if size is None:
+        return draft
+    if not hasattr(draft, "with_draft_vocab"):
+        raise ValueError(f"tree {tree!r} asks for a draft vocabulary, which only an EagleDraft has")
+    return draft.with_draft_vocab(size)
 
 
 def _spec(bench: _Bench, compiled, tree: str, head: str, batch: int, plain: dict, warm_up: bool,

@@ -11,10 +11,17 @@ fused; deeper drafting feeds the draft's own h_p back in the same slot (training
 
 Only the draft's own weights are saved (safetensors, config in the metadata); embed and
 lm_head are attached from the target at load time and checked against the config.
+
+A draft vocabulary (specc/draft/vocab.py) restricts the logits the draft proposes from
+(`proposal_logits`, `proposal_tokens`) to the K tokens the target wrote most in the head's
+training responses, over the matching rows of the target's LM head; `logits` (training,
+evaluation) always covers the whole vocabulary. A head file may carry those counts (tensor
+`token_counts`) and its default K (metadata `specc_draft_vocab`, 0: the whole vocabulary).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,6 +107,11 @@ class EagleDraft(nn.Module):
         self.rotary = RotaryEmbedding(config.layer_config())
         # The target's embedding and LM head, attached (not owned, not saved).
         self._shared: dict[str, torch.Tensor] = {}
+        # The draft vocabulary (int64 [K] ascending token ids) or None: the whole vocabulary.
+        self.draft_vocab: torch.Tensor | None = None
+        self.draft_vocab_version = 0  # bumped on every change: specc.generate builds new engines then
+        # How often the target wrote each token in the head's training responses, or None.
+        self.token_counts: torch.Tensor | None = None
 
     # ----- the target's pieces -------------------------------------------------------------
     def attach(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> EagleDraft:
@@ -111,6 +123,8 @@ class EagleDraft(nn.Module):
                     f"[vocab {expected[0]}, hidden {expected[1]}]; train or load a draft for this target"
                 )
         self._shared = {"embed": embed_weight.detach(), "lm_head": lm_head_weight.detach()}
+        if self.draft_vocab is not None:
+            self._gather_vocab_head()
         return self
 
     def attach_to(self, target: nn.Module) -> EagleDraft:
@@ -126,7 +140,94 @@ class EagleDraft(nn.Module):
         return F.embedding(tokens, self._need_shared()["embed"])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary [..., V] (training and evaluation)."""
         return F.linear(self.norm(hidden), self._need_shared()["lm_head"])
+
+    # ----- the draft vocabulary: what decoding proposes from -----------------------------------
+    def set_draft_vocab(self, ids: torch.Tensor | None) -> EagleDraft:
+        """Propose from these token ids only (int [K], strictly ascending), or from the whole
+        vocabulary (None). The LM head rows are gathered once here (and on attach), not per step."""
+        from specc.draft.vocab import check_draft_vocab
+
+        self.draft_vocab_version += 1
+        if ids is None:
+            self.draft_vocab = None
+            self._shared.pop("vocab_head", None)
+            self._shared.pop("vocab_ids", None)
+            return self
+        self.draft_vocab = check_draft_vocab(ids, self.config.vocab_size)
+        if self._shared:
+            self._gather_vocab_head()
+        return self
+
+    def use_draft_vocab(self, size: int) -> EagleDraft:
+        """Propose from the `size` tokens of `token_counts` the target wrote most; 0: all."""
+        from specc.draft.vocab import draft_vocab_from_counts
+
+        if size == 0 or size == self.config.vocab_size:
+            return self.set_draft_vocab(None)
+        if self.token_counts is None:
+            raise DraftConfigError(
+                "this head carries no token counts to choose a draft vocabulary from; add them with "
+                "`specc draft-vocab --draft HEAD --data-dir D --out NEW` or call set_draft_vocab(ids)")
+        return self.set_draft_vocab(draft_vocab_from_counts(self.token_counts, size))
+
+    def with_draft_vocab(self, size: int) -> EagleDraft:
+        """A twin sharing this head's weights (and target) that proposes from the `size` tokens
+        the head's data used most (0: the whole vocabulary); this head is left as it is."""
+        twin = copy.copy(self)
+        twin._shared = dict(self._shared)
+        return twin.use_draft_vocab(size)
+
+    def _gather_vocab_head(self) -> None:
+        lm_head = self._shared["lm_head"]
+        ids = self.draft_vocab.to(lm_head.device)
+        self._shared["vocab_ids"] = ids
+        self._shared["vocab_head"] = lm_head.index_select(0, ids)
+
+    def refresh_vocab_head(self) -> None:
+        """Re-gather the draft vocabulary's LM head rows in place (same storage, so a captured
+        CUDA graph keeps its pointers), after the target's LM head was changed in place."""
+        if self.draft_vocab is None or not self._shared:
+            return
+        shared = self._shared
+        if shared["vocab_head"].dtype != shared["lm_head"].dtype or shared["vocab_head"].device != shared["lm_head"].device:
+            raise DraftConfigError("the target's LM head moved after the draft was attached; attach the draft again")
+        with torch.no_grad():
+            torch.index_select(shared["lm_head"], 0, shared["vocab_ids"], out=shared["vocab_head"])
+
+    @property
+    def proposal_vocab_size(self) -> int:
+        return self.config.vocab_size if self.draft_vocab is None else int(self.draft_vocab.numel())
+
+    def proposal_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits the draft proposes from: [..., K] over the draft vocabulary, or [..., V]."""
+        if self.draft_vocab is None:
+            return self.logits(hidden)
+        return F.linear(self.norm(hidden), self._need_shared()["vocab_head"])
+
+    def proposal_tokens(self, index: torch.Tensor) -> torch.Tensor:
+        """Token ids of indices into proposal_logits' last dimension."""
+        if self.draft_vocab is None:
+            return index
+        return self._need_shared()["vocab_ids"][index]
+
+    def proposal_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Indices into proposal_logits' last dimension of token ids; -1 for tokens outside the
+        draft vocabulary (which the draft can never propose)."""
+        if self.draft_vocab is None:
+            return tokens
+        ids = self._need_shared()["vocab_ids"]
+        where = torch.searchsorted(ids, tokens.contiguous()).clamp(max=ids.numel() - 1)
+        return torch.where(ids[where] == tokens, where, torch.full_like(where, -1))
+
+    def full_vocab_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs [..., K] over the draft vocabulary as [..., V] (zero outside it)."""
+        if self.draft_vocab is None:
+            return probs
+        ids = self._need_shared()["vocab_ids"]
+        full = probs.new_zeros(*probs.shape[:-1], self.config.vocab_size)
+        return full.index_copy(-1, ids, probs)
 
     def fuse_features(self, target_features: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Target hidden states -> the draft's feature input [B, T, H]."""
@@ -200,7 +301,20 @@ class EagleDraft(nn.Module):
         from safetensors.torch import save_file
 
         own = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(own, str(path), metadata={"specc_draft_config": self.config.to_json(), **(extra_metadata or {})})
+        metadata = {"specc_draft_config": self.config.to_json()}
+        if self.token_counts is not None:
+            from specc.draft.vocab import draft_vocab_from_counts
+
+            if self.draft_vocab is not None and not torch.equal(
+                    self.draft_vocab.cpu(), draft_vocab_from_counts(self.token_counts, self.proposal_vocab_size)):
+                raise DraftConfigError("the draft vocabulary is not the top of token_counts, so a saved head could "
+                                       "not restore it; choose it with use_draft_vocab(K)")
+            own["token_counts"] = self.token_counts.to(torch.int32).cpu()  # counts of a few million: int32 is plenty
+            metadata["specc_draft_vocab"] = str(self.proposal_vocab_size if self.draft_vocab is not None else 0)
+        elif self.draft_vocab is not None:
+            raise DraftConfigError("a head is saved with the token counts its draft vocabulary came from; "
+                                   "set draft.token_counts first (specc/draft/vocab.py)")
+        save_file(own, str(path), metadata={**metadata, **(extra_metadata or {})})
 
 
 class StackedProjections:
@@ -235,8 +349,10 @@ class StackedProjections:
 
 
 def load_draft(path: str | Path, target: nn.Module | None = None, dtype: torch.dtype | None = None,
-               device=None) -> EagleDraft:
-    """Load a saved draft head; with `target`, check it fits and attach the target's pieces."""
+               device=None, draft_vocab: int | None = None) -> EagleDraft:
+    """Load a saved draft head; with `target`, check it fits and attach the target's pieces.
+    `draft_vocab`: propose from the K tokens the head's data used most (0: the whole vocabulary;
+    None: the file's default, specc_draft_vocab)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -249,7 +365,15 @@ def load_draft(path: str | Path, target: nn.Module | None = None, dtype: torch.d
         config = DraftConfig.from_json(metadata["specc_draft_config"])
         weights = {k: handle.get_tensor(k) for k in handle.keys()}
     draft = EagleDraft(config)
+    counts = weights.pop("token_counts", None)
     draft.load_state_dict(weights, strict=True)
+    if counts is not None:
+        if counts.shape != (config.vocab_size,):
+            raise DraftConfigError(f"{path.name}: token_counts has shape {tuple(counts.shape)}, not ({config.vocab_size},)")
+        draft.token_counts = counts.to(torch.int64)
+    size = int(metadata.get("specc_draft_vocab", 0)) if draft_vocab is None else int(draft_vocab)
+    if size:
+        draft.use_draft_vocab(size)
     if target is not None:
         target_config = target.config
         if (target_config.hidden_size, target_config.vocab_size) != (config.hidden_size, config.vocab_size):

@@ -58,6 +58,15 @@ def token_ranks(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     return ahead.sum(-1)
 
 
+def proposal_ranks(draft, hidden: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """Rank of token[...] among the draft's proposal logits at `hidden` (its draft vocabulary
+    when it has one); a token outside that vocabulary, which no tree can hold, ranks K."""
+    logits = draft.proposal_logits(hidden).float()
+    index = draft.proposal_index(token)
+    ranks = token_ranks(logits, index.clamp_min(0))
+    return torch.where(index >= 0, ranks, torch.full_like(ranks, logits.shape[-1]))
+
+
 @torch.no_grad()
 def ranks_by_sequence(target: torch.nn.Module, draft, sequences: Sequence[Sequence[int]], depth: int,
                       prompt_lens: Sequence[int], batch_size: int = 4, log=None) -> list[torch.Tensor]:
@@ -91,7 +100,7 @@ def ranks_by_sequence(target: torch.nn.Module, draft, sequences: Sequence[Sequen
         hidden = unroll(draft, ids, step0_features(draft, final, layers)[:, :-1], depth)
         width = longest - 1
         # h^(k)[:, s] predicts token s + k + 2, the target's choice at s + k + 1
-        ranks = torch.stack([token_ranks(draft.logits(h).float(), greedy[:, k + 1:k + 1 + width])
+        ranks = torch.stack([proposal_ranks(draft, h, greedy[:, k + 1:k + 1 + width])
                              for k, h in enumerate(hidden)], dim=-1)  # [B, T - 1, depth]
         for row, (seq, prompt_len) in enumerate(zip(chunk, prompt_lens[begin:begin + batch_size])):
             first, last = prompt_len - 1, len(seq) - depth - 2

@@ -280,3 +280,18 @@ def test_a_decode_that_writes_into_the_weights_is_reported_from_that_configurati
     changed = {config["tree"]: config["weights_changed"] for config in report["configurations"]}
     assert changed[None] == [] and changed["dynamic:3,3,8"] == []
     assert changed["chain:3"] == ["draft.layer.mlp.down_proj.weight"]
+
+
+def test_a_tree_name_with_a_draft_vocabulary_measures_that_tree_with_a_twin_head_side_by_side():
+    target = reference_llama(SMALL, seed=7)
+    draft = _draft(target)
+    draft.token_counts = torch.arange(SMALL.vocab_size)  # the higher ids "written most"
+    report = end_to_end.run(target, prompts=PROMPTS[:2], draft=draft, trees=["chain:3", "chain:3@40"], batch_sizes=[1],
+                            max_new_tokens=NEW, hf_prompts=0, compile=False, progress=False, command="test")
+    configs = {c["tree"]: c for c in report["configurations"] if c["decoder"] == "spec"}
+    assert set(configs) == {"chain:3", "chain:3@40"}
+    assert all(c["equal_to_plain"] == 2 for c in configs.values())
+    assert draft.draft_vocab is None  # the head itself still proposes from the whole vocabulary
+    assert end_to_end.split_draft_vocab("tuned:64,6@8192") == ("tuned:64,6", 8192)
+    with pytest.raises(ValueError, match="a token count"):
+        end_to_end.parse_trees("eagle@many")

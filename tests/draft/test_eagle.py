@@ -59,3 +59,95 @@ def test_refresh_refuses_a_draft_moved_to_another_dtype():
         param.data = param.data.double()
     with pytest.raises(DraftConfigError, match="compile the model again"):
         stacked.refresh()
+
+
+# ----- the draft vocabulary -----------------------------------------------------------------
+def _counts(seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 1000, (TINY.vocab_size,), generator=gen)
+
+
+def test_proposal_logits_over_a_draft_vocabulary_are_the_full_logits_at_its_ids():
+    draft = _draft("eagle3", seed=4)
+    hidden = torch.randn(2, 3, TINY.hidden_size)
+    full = draft.logits(hidden)
+    ids = torch.tensor([0, 5, 6, 17, 40, 63])
+    draft.set_draft_vocab(ids)
+    torch.testing.assert_close(draft.proposal_logits(hidden), full[..., ids])
+    torch.testing.assert_close(draft.logits(hidden), full)  # training still sees the whole vocabulary
+    index = torch.tensor([[0, 3, 5]])
+    assert draft.proposal_tokens(index).tolist() == [[0, 17, 63]]
+    assert draft.proposal_index(torch.tensor([17, 18, 0, 63])).tolist() == [3, -1, 0, 5]
+    probs = torch.softmax(torch.randn(2, len(ids)), -1)
+    full_probs = draft.full_vocab_probs(probs)
+    assert full_probs.shape == (2, TINY.vocab_size)
+    torch.testing.assert_close(full_probs[:, ids], probs)
+    assert full_probs.sum() == pytest.approx(2.0) and (full_probs[:, 1:5] == 0).all()
+    draft.set_draft_vocab(None)
+    torch.testing.assert_close(draft.proposal_logits(hidden), full)
+
+
+def test_a_head_saves_its_token_counts_and_loads_with_its_default_draft_vocabulary(tmp_path):
+    from specc.draft.eagle import load_draft
+    from specc.draft.vocab import draft_vocab_from_counts
+
+    draft = _draft("eagle3", seed=5)
+    target = reference_llama(TINY, seed=5)
+    draft.token_counts = _counts()
+    draft.use_draft_vocab(24)
+    draft.save(tmp_path / "head.safetensors")
+    loaded = load_draft(tmp_path / "head.safetensors", target)
+    assert torch.equal(loaded.draft_vocab, draft_vocab_from_counts(_counts(), 24))
+    assert torch.equal(loaded.token_counts, _counts())
+    assert load_draft(tmp_path / "head.safetensors", target, draft_vocab=0).draft_vocab is None
+    assert load_draft(tmp_path / "head.safetensors", target, draft_vocab=10).proposal_vocab_size == 10
+    # a twin shares the weights and leaves the head as it was
+    twin = loaded.with_draft_vocab(8)
+    assert twin.proposal_vocab_size == 8 and loaded.proposal_vocab_size == 24
+    assert twin.fc.weight is loaded.fc.weight
+
+
+def test_draft_vocabulary_mistakes_are_named():
+    from specc.draft.vocab import draft_vocab_from_counts
+
+    draft = _draft("eagle", seed=6)
+    with pytest.raises(ValueError, match="strictly ascending"):
+        draft.set_draft_vocab(torch.tensor([3, 2]))
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        draft.set_draft_vocab(torch.tensor([1, 64]))
+    with pytest.raises(DraftConfigError, match="specc draft-vocab"):
+        draft.use_draft_vocab(16)
+    with pytest.raises(ValueError, match="does not fit"):
+        draft_vocab_from_counts(_counts(), 65)
+    draft.token_counts = _counts()
+    draft.set_draft_vocab(torch.tensor([1, 2, 3]))  # not the top of the counts: a file could not restore it
+    with pytest.raises(DraftConfigError, match="use_draft_vocab"):
+        draft.save("/nonexistent/head.safetensors")
+
+
+def test_the_most_frequent_tokens_break_ties_to_the_lower_id():
+    from specc.draft.vocab import coverage, draft_vocab_from_counts
+
+    counts = torch.tensor([5, 9, 9, 0, 9, 1])
+    assert draft_vocab_from_counts(counts, 2).tolist() == [1, 2]
+    assert draft_vocab_from_counts(counts, 4).tolist() == [0, 1, 2, 4]
+    assert coverage(counts, torch.tensor([1, 2])) == pytest.approx(18 / 33)
+
+
+def test_specc_draft_vocab_writes_a_head_with_its_counts(tmp_path, capsys):
+    import specc.cli
+    from specc.draft.eagle import load_draft
+
+    draft = _draft("eagle3", seed=7)
+    draft.save(tmp_path / "head.safetensors", extra_metadata={"specc_training": "{}"})
+    torch.save(_counts(), tmp_path / "counts.pt")
+    assert specc.cli.main(["draft-vocab", "--draft", str(tmp_path / "head.safetensors"), "--counts",
+                           str(tmp_path / "counts.pt"), "--size", "32", "--out", str(tmp_path / "new.safetensors")]) == 0
+    assert "response tokens counted" in capsys.readouterr().out
+    loaded = load_draft(tmp_path / "new.safetensors")
+    assert loaded.proposal_vocab_size == 32 and torch.equal(loaded.token_counts, _counts())
+    torch.testing.assert_close(loaded.fc.weight, draft.fc.weight)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["specc_training"] == "{}"

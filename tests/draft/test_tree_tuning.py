@@ -123,6 +123,36 @@ def test_fp32_decoding_with_a_static_tree_accepts_what_the_ranks_predict(greedy_
     assert len(lengths) >= 2, lengths  # the draft is right sometimes: a comparison with content
 
 
+def test_with_a_draft_vocabulary_decoding_accepts_what_its_ranks_predict_and_stays_lossless(greedy_texts):
+    from specc.draft.vocab import draft_vocab_from_counts, response_token_counts
+
+    target, draft, prompts, texts = greedy_texts
+    sequences = Sequences()
+    for prompt, text in zip(prompts, texts):
+        sequences.add(text, len(prompt), True, "gsm8k")
+    counts = response_token_counts(sequences, TINY.vocab_size)
+    written = int((counts > 0).sum())
+    # leave out a few of the tokens the target writes: some chains now fail where they held
+    ids = draft_vocab_from_counts(counts, written - 3)
+    paths = ((0,), (1,), (0, 0), (1, 0), (0, 1), (0, 0, 0))
+    full_ranks = tree_tuning.ranks_by_sequence(target, draft, texts, 3, [len(p) for p in prompts])
+    plain = specc.generate(torch.compile(target, backend=specc.backend()), prompts, max_new_tokens=30, compile=False)
+    draft.set_draft_vocab(ids)
+    try:
+        ranks = tree_tuning.ranks_by_sequence(target, draft, texts, 3, [len(p) for p in prompts])
+        out = specc.generate(torch.compile(target, backend=specc.backend(draft=draft, tree=tree_from_paths(paths))),
+                             prompts, max_new_tokens=30, compile=False)
+    finally:
+        draft.set_draft_vocab(None)
+    assert out.tokens == plain.tokens
+    outside = torch.cat(ranks) == len(ids)
+    assert outside.any(), "no target token fell outside the draft vocabulary: the test has no content"
+    assert not torch.equal(torch.cat(ranks), torch.cat(full_ranks))
+    for prompt_ranks, steps in zip(ranks, out.accept_lengths_by_sequence()):
+        predicted = tree_tuning.predicted_accepts(prompt_ranks, paths, steps=len(steps) - 1)
+        assert steps[:len(predicted)] == predicted
+
+
 def test_tune_tree_from_saved_ranks_writes_valid_trees_and_named_trees_expectations(tmp_path):
     gen = torch.Generator().manual_seed(0)
     # a head right 70% of the time at rank 0, otherwise spread over ranks 1..5

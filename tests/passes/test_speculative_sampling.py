@@ -2,7 +2,8 @@
 
 The distribution of the first generated tokens of speculative sampling (random EAGLE draft, so
 that drafts are often rejected) must equal that of plain sampling of the same target, for a
-static tree (Gumbel-top-k children, rule "rrs"; and the same tree with rule "q_one") and a
+static tree (Gumbel-top-k children, rule "rrs"; the same tree with rule "q_one"; and with a
+draft vocabulary of 10 of the 16 tokens, where q is zero on the rest) and a
 dynamic EAGLE-2 tree (reranked top-k children, rule "q_one"), at temperature 1 and with top-k / top-p. Checked by two-sample
 chi-square tests at ALPHA over a vocabulary of 16 (few cells), with one generate call of a large
 batch per configuration (request i has seed i), so every run draws the same samples and the
@@ -38,7 +39,11 @@ STATIC_TREE = [-1, 0, 0, 0, 1, 1, 2]  # depth 2: the root's children are 3 draws
 DYNAMIC_TREE = DynamicTree(top_k=3, depth=2, size=7)
 # name -> (tree, verify_rule): each tree with its default rule, and the static tree verified with
 # "q_one" (draft probabilities taken as 1: exact too, only less accepting)
-TREES = {"static": (STATIC_TREE, None), "dynamic": (DYNAMIC_TREE, None), "static_q_one": (STATIC_TREE, "q_one")}
+# "static_vocab": the static tree with the draft proposing from 10 of the 16 tokens (a draft
+# vocabulary, specc/draft/vocab.py): q is zero on the other 6, which the target still samples
+TREES = {"static": (STATIC_TREE, None), "dynamic": (DYNAMIC_TREE, None), "static_q_one": (STATIC_TREE, "q_one"),
+         "static_vocab": (STATIC_TREE, None)}
+DRAFT_VOCAB = [0, 1, 3, 4, 5, 7, 9, 10, 12, 15]
 SETTINGS = {"t1": dict(temperature=1.0), "t07_topk8_topp09": dict(temperature=0.7, top_k=8, top_p=0.9)}
 
 
@@ -53,10 +58,16 @@ def _draft():
 
 
 @functools.lru_cache(maxsize=None)
+def _draft_with_vocab():
+    return _draft().with_draft_vocab(0).set_draft_vocab(torch.tensor(DRAFT_VOCAB))
+
+
+@functools.lru_cache(maxsize=None)
 def _compiled(tree: str | None):
     """One compiled module per backend, traced once and reused (with its engines) by every test:
     a fresh torch.compile per call would soon hit Dynamo's recompile limit."""
-    backend = specc.backend() if tree is None else specc.backend(draft=_draft(), tree=TREES[tree][0],
+    draft = _draft_with_vocab() if tree is not None and tree.endswith("_vocab") else _draft()
+    backend = specc.backend() if tree is None else specc.backend(draft=draft, tree=TREES[tree][0],
                                                                  verify_rule=TREES[tree][1])
     return torch.compile(_target(), backend=backend)
 

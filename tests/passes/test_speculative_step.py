@@ -45,6 +45,12 @@ def test_spec_greedy_equals_plain_greedy(config, kind, parents, seed, data):
     new = data.draw(st.integers(1, 12))
     plain = specc.generate(torch.compile(target, backend=specc.backend()), batch_prompts, max_new_tokens=new, compile=False)
     draft = _random_draft(target, config, kind, seed + 1)
+    # half the time the draft proposes from a draft vocabulary (a random subset, at least the
+    # largest number of children a node has)
+    if data.draw(st.booleans()):
+        widest = parents.top_k if isinstance(parents, DynamicTree) else max(map(parents.count, range(len(parents))))
+        size = data.draw(st.integers(max(1, widest), config.vocab_size))
+        draft.set_draft_vocab(torch.randperm(config.vocab_size, generator=torch.Generator().manual_seed(seed))[:size].sort().values)
     spec = specc.generate(torch.compile(target, backend=specc.backend(draft=draft, tree=parents)),
                           batch_prompts, max_new_tokens=new, compile=False)
     assert spec.tokens == plain.tokens
@@ -140,3 +146,11 @@ def test_the_dynamic_drafts_slot_mask_built_level_by_level_is_the_ancestor_mask(
         extend_slot_mask(mask, base, parent_slot)
         used = base + k
         assert torch.equal(mask[:, :used, :used], ancestor_mask(parents[:, :used]))
+
+
+def test_a_draft_vocabulary_narrower_than_the_tree_is_refused_with_what_to_change():
+    target = reference_llama(SMALL, seed=2)
+    draft = _random_draft(target, SMALL, "eagle", 3).set_draft_vocab(torch.tensor([4, 7]))
+    compiled = torch.compile(target, backend=specc.backend(draft=draft, tree=[-1, 0, 0, 0]))
+    with pytest.raises(ValueError, match="proposes from 2 tokens but the tree gives a node 3 children"):
+        specc.generate(compiled, [[1, 2, 3]], max_new_tokens=4, compile=False)
