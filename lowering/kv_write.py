@@ -1,6 +1,10 @@
-"""specc::kv_write — store the K or V of new tokens into the static cache.
+"""specc::kv_write — store the K and V of new tokens into the static caches.
 
-    cache[layer, b, :, cache_len[b] + t, :] = new[b, :, t, :]      for t < T
+    k_cache[layer, b, :, cache_len[b] + t, :] = k[b, :, t, :]      for t < T
+    v_cache[layer, b, :, cache_len[b] + t, :] = v[b, :, t, :]
+
+One op (one kernel launch) for both caches: at decode sizes the write is a few KB, so a launch
+per cache cost its launch overhead twice per layer.
 
 `cache` is the stacked static cache [L, B, Hkv, S, D] that the runtime owns; one tensor for
 all layers, so that commit (commit_kv.py) moves an accepted path in one launch. Tree nodes
@@ -19,6 +23,7 @@ from specc.lowering.registry import kernel_enabled
 
 
 def kv_write_reference(cache: torch.Tensor, layer: int, new: torch.Tensor, cache_len: torch.Tensor) -> None:
+    """The definition, for one cache: cache[layer, b, :, cache_len[b] + t] = new[b, :, t]."""
     batch, _, steps, _ = new.shape
     positions = cache_len.long()[:, None] + torch.arange(steps, device=new.device)[None, :]  # [B, T]
     rows = torch.arange(batch, device=new.device)[:, None].expand(batch, steps)
@@ -27,16 +32,19 @@ def kv_write_reference(cache: torch.Tensor, layer: int, new: torch.Tensor, cache
     cache[layer].transpose(1, 2)[rows, positions] = new.transpose(1, 2).to(cache.dtype)
 
 
-@torch.library.custom_op("specc::kv_write", mutates_args=("cache",))
-def kv_write(cache: torch.Tensor, layer: int, new: torch.Tensor, cache_len: torch.Tensor) -> None:
-    if new.is_cuda and kernel_enabled():
+@torch.library.custom_op("specc::kv_write", mutates_args=("k_cache", "v_cache"))
+def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
+             cache_len: torch.Tensor) -> None:
+    if k.is_cuda and kernel_enabled():
         from specc.lowering.kv_write_triton import kv_write_triton
 
-        kv_write_triton(cache, layer, new, cache_len)
+        kv_write_triton(k_cache, v_cache, layer, k, v, cache_len)
         return
-    kv_write_reference(cache, layer, new, cache_len)
+    kv_write_reference(k_cache, layer, k, cache_len)
+    kv_write_reference(v_cache, layer, v, cache_len)
 
 
 @kv_write.register_fake
-def _(cache: torch.Tensor, layer: int, new: torch.Tensor, cache_len: torch.Tensor) -> None:
+def _(k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
+      cache_len: torch.Tensor) -> None:
     return None

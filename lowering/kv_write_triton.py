@@ -1,10 +1,12 @@
-"""Generated Triton kernel for specc::kv_write (the reference is `kv_write.kv_write_reference`).
+"""Generated Triton kernel for specc::kv_write (the reference is `kv_write.kv_write_reference`,
+once per cache).
 
-    cache[layer, b, h, cache_len[b] + t, :] = new[b, h, t, :]      for t < T
+    k_cache[layer, b, h, cache_len[b] + t, :] = k[b, h, t, :]      for t < T
+    v_cache[layer, b, h, cache_len[b] + t, :] = v[b, h, t, :]
 
-One program per (sequence b, KV head h, tile of BLOCK_T new tokens): it reads `cache_len[b]`
-on the device (no host sync, so the launch is CUDA-graph safe) and copies a [BLOCK_T, D]
-tile, casting to the cache's dtype. The source is generated from `KV_WRITE_TEMPLATE` and
+One launch for both caches. One program per (sequence b, KV head h, tile of BLOCK_T new tokens,
+K or V): it reads `cache_len[b]` on the device (no host sync, so the launch is CUDA-graph safe)
+and copies a [BLOCK_T, D] tile, casting to the cache's dtype. The source is generated from `KV_WRITE_TEMPLATE` and
 loaded by lowering/codegen.py.
 """
 
@@ -29,17 +31,33 @@ BLOCK_T = tl.constexpr($block_t)  # new tokens per program
 
 
 @triton.jit
+def _write_tile(
+    cache_ptr, new_ptr, b, h, t, d, position, ok,
+    stride_cb, stride_ch, stride_cs,
+    stride_nb, stride_nh, stride_nt, stride_nd,
+):
+    x = tl.load(new_ptr + b * stride_nb + h * stride_nh + t[:, None] * stride_nt + d[None, :] * stride_nd, mask=ok)
+    tl.store(
+        cache_ptr + b * stride_cb + h * stride_ch + position[:, None] * stride_cs + d[None, :],
+        x.to(cache_ptr.dtype.element_ty),
+        mask=ok,
+    )
+
+
+@triton.jit
 def kv_write_kernel(
-    cache_ptr,  # [B, Hkv, S, D] view of cache[layer]
-    new_ptr,  # [B, Hkv, T, D]
+    k_cache_ptr, v_cache_ptr,  # [B, Hkv, S, D] views of k_cache[layer], v_cache[layer]
+    k_ptr, v_ptr,  # [B, Hkv, T, D]
     cache_len_ptr,  # [B] int32/int64
     steps,  # T
     capacity,  # S
     n_kv_heads,
-    stride_cb, stride_ch, stride_cs,
-    stride_nb, stride_nh, stride_nt, stride_nd,
+    stride_kcb, stride_kch, stride_kcs,
+    stride_vcb, stride_vch, stride_vcs,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
 ):
-    # program (b*Hkv + h, t-tile):  cache[b, h, cache_len[b] + t, :] = new[b, h, t, :]
+    # program (b*Hkv + h, t-tile, K or V):  cache[b, h, cache_len[b] + t, :] = new[b, h, t, :]
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = (pid_bh // n_kv_heads).to(tl.int64)  # int64: B*Hkv*S*D can pass 2**31
@@ -51,12 +69,12 @@ def kv_write_kernel(
     # raises past the end; a device kernel cannot). A negative position would land in the
     # previous head's row or, for b = h = 0, in whatever memory precedes the cache.
     ok = ((t < steps) & (position >= 0) & (position < capacity))[:, None] & (d < HEAD_DIM)[None, :]
-    x = tl.load(new_ptr + b * stride_nb + h * stride_nh + t[:, None] * stride_nt + d[None, :] * stride_nd, mask=ok)
-    tl.store(
-        cache_ptr + b * stride_cb + h * stride_ch + position[:, None] * stride_cs + d[None, :],
-        x.to(cache_ptr.dtype.element_ty),
-        mask=ok,
-    )
+    if tl.program_id(2) == 0:
+        _write_tile(k_cache_ptr, k_ptr, b, h, t, d, position, ok, stride_kcb, stride_kch, stride_kcs,
+                    stride_kb, stride_kh, stride_kt, stride_kd)
+    else:
+        _write_tile(v_cache_ptr, v_ptr, b, h, t, d, position, ok, stride_vcb, stride_vch, stride_vcs,
+                    stride_vb, stride_vh, stride_vt, stride_vd)
 '''
 
 
@@ -76,33 +94,48 @@ def _block_t(steps: int) -> int:
     return min(16, next_power_of_2(steps))
 
 
-def kv_write_triton(cache: torch.Tensor, layer: int, new: torch.Tensor, cache_len: torch.Tensor) -> None:
-    """In place: cache[layer, b, :, cache_len[b] + t] = new[b, :, t] (same meaning as the reference).
-
-    cache [L, B, Hkv, S, D] (last dim contiguous), new [B, Hkv, T, D] (any strides; a stride of 1 is specialised by Triton), cache_len
-    int [B] on the cache's device. Never syncs with the host.
-    """
+def _check(cache: torch.Tensor, new: torch.Tensor, cache_len: torch.Tensor, name: str) -> None:
     if cache.dim() != 5 or new.dim() != 4:
         raise ValueError(
-            f"kv_write expects cache [L, B, Hkv, S, D] and new [B, Hkv, T, D]; got {tuple(cache.shape)} and {tuple(new.shape)}"
+            f"kv_write expects the {name} cache [L, B, Hkv, S, D] and {name} [B, Hkv, T, D]; "
+            f"got {tuple(cache.shape)} and {tuple(new.shape)}"
         )
-    batch, n_kv, steps, head_dim = new.shape
+    batch, n_kv, _, head_dim = new.shape
     if cache.shape[1] != batch or cache.shape[2] != n_kv or cache.shape[4] != head_dim:
-        raise ValueError(f"new {tuple(new.shape)} does not fit cache {tuple(cache.shape)} (B, Hkv, D must match)")
+        raise ValueError(f"{name} {tuple(new.shape)} does not fit cache {tuple(cache.shape)} (B, Hkv, D must match)")
     if cache_len.shape != (batch,) or cache_len.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cache_len must be int32/int64 of shape ({batch},); got {cache_len.dtype} {tuple(cache_len.shape)}")
     if cache.stride(-1) != 1:
-        raise ValueError("kv_write needs the cache's last dimension contiguous (the runtime allocates it so)")
+        raise ValueError("kv_write needs the caches' last dimension contiguous (the runtime allocates them so)")
+
+
+def kv_write_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
+                    cache_len: torch.Tensor) -> None:
+    """In place, in one launch: k_cache[layer, b, :, cache_len[b] + t] = k[b, :, t], and the same
+    for v (the reference's meaning, once per cache).
+
+    Caches [L, B, Hkv, S, D] of one shape (last dim contiguous); k and v [B, Hkv, T, D] of one shape
+    (any strides; a stride of 1 is specialised by Triton); cache_len int [B] on the caches' device.
+    Never syncs with the host.
+    """
+    _check(k_cache, k, cache_len, "k")
+    _check(v_cache, v, cache_len, "v")
+    if k_cache.shape != v_cache.shape or k.shape != v.shape:
+        raise ValueError(f"kv_write needs K and V of one shape: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}, "
+                         f"new {tuple(k.shape)} / {tuple(v.shape)}")
+    batch, n_kv, steps, head_dim = k.shape
     if steps == 0 or batch == 0:
         return
     block_t = _block_t(steps)
     module = load_kernel_module("kv_write", kernel_source(head_dim=head_dim, block_t=block_t))
-    layer_cache = cache[layer]
-    grid = (batch * n_kv, -(-steps // block_t))
+    k_layer, v_layer = k_cache[layer], v_cache[layer]
+    grid = (batch * n_kv, -(-steps // block_t), 2)
     module.kv_write_kernel[grid](
-        layer_cache, new, cache_len,
-        steps, layer_cache.shape[2], n_kv,
-        layer_cache.stride(0), layer_cache.stride(1), layer_cache.stride(2),
-        new.stride(0), new.stride(1), new.stride(2), new.stride(3),
+        k_layer, v_layer, k, v, cache_len,
+        steps, k_layer.shape[2], n_kv,
+        k_layer.stride(0), k_layer.stride(1), k_layer.stride(2),
+        v_layer.stride(0), v_layer.stride(1), v_layer.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+        v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         num_warps=1 if block_t * head_dim <= 1024 else 4,
     )

@@ -1,4 +1,4 @@
-"""Cached tree attention: each SDPA becomes kv_write + specc::tree_attention over a static cache.
+"""Cached tree attention: each SDPA becomes kv_write (K and V) + specc::tree_attention over a static cache.
 
 Looks for the attention call of every layer (found by the skeleton). In its place: the
 layer's rotated keys and un-repeated values are written into the stacked caches
@@ -28,8 +28,7 @@ def use_cached_tree_attention(gm: fx.GraphModule, skeleton: LlamaSkeleton) -> st
     v_cache = add_placeholder(gm, "v_cache")
     for index, layer in enumerate(skeleton.layers):
         with graph.inserting_before(layer.attention):
-            graph.call_function(torch.ops.specc.kv_write.default, (k_cache, index, layer.key, cache_len))
-            graph.call_function(torch.ops.specc.kv_write.default, (v_cache, index, layer.value, cache_len))
+            graph.call_function(torch.ops.specc.kv_write.default, (k_cache, v_cache, index, layer.key, layer.value, cache_len))
             attended = graph.call_function(
                 torch.ops.specc.tree_attention.default,
                 (layer.query, k_cache, v_cache, index, cache_len, tree_mask, layer.scale),

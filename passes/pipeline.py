@@ -183,7 +183,7 @@ def build_target_program(gm: fx.GraphModule, example_inputs: list, dump: str | o
 def _kv_dtype(gm: fx.GraphModule) -> torch.dtype:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.specc.kv_write.default:
-            value = node.args[2].meta.get("example_value")
+            value = node.args[3].meta.get("example_value")  # the keys written
             if value is not None:
                 return value.dtype
     raise RecognitionError(None, "no kv_write found after the cache rewrite")

@@ -281,8 +281,7 @@ class EagleDraft(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        torch.ops.specc.kv_write(k_cache, 0, k, cache_len)
-        torch.ops.specc.kv_write(v_cache, 0, v, cache_len)
+        torch.ops.specc.kv_write(k_cache, v_cache, 0, k, v, cache_len)
         out = torch.ops.specc.tree_attention(q, k_cache, v_cache, 0, cache_len, tree_mask, attn.head_dim**-0.5)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
         h = layer.post_attention_layernorm(x)

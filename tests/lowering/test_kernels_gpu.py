@@ -98,13 +98,16 @@ def test_kv_write_kernel_matches_reference_on_gpu(shape, steps, dtype):
     batch = 4
     gen = torch.Generator(device="cuda").manual_seed(steps)
     cache = torch.randn(2, batch, n_kv, 4096 + steps, head_dim, generator=gen, device="cuda").to(dtype)
+    v_cache = torch.randn(2, batch, n_kv, 4096 + steps, head_dim, generator=gen, device="cuda").to(dtype)
     new = torch.randn(batch, steps, n_kv, head_dim, generator=gen, device="cuda").transpose(1, 2).to(dtype)
+    v_new = torch.randn(batch, n_kv, steps, head_dim, generator=gen, device="cuda").to(dtype)
     cache_len = torch.tensor([0, 4096, 17, 1000], device="cuda")
-    expected = cache.clone()
+    expected, v_expected = cache.clone(), v_cache.clone()
     kv_write_reference(expected, 1, new, cache_len)
-    kv_write_triton(cache, 1, new, cache_len)
+    kv_write_reference(v_expected, 1, v_new, cache_len)
+    kv_write_triton(cache, v_cache, 1, new, v_new, cache_len)
     torch.cuda.synchronize()
-    assert torch.equal(cache, expected)
+    assert torch.equal(cache, expected) and torch.equal(v_cache, v_expected)
 
 
 def test_custom_op_runs_the_kernel_on_cuda():
@@ -133,8 +136,7 @@ def test_kernels_replay_in_a_cuda_graph_with_new_cache_lengths(shape):
     scale = head_dim**-0.5
 
     def step():
-        kv_write_triton(k_cache, 0, new_k, cache_len)
-        kv_write_triton(v_cache, 0, new_v, cache_len)
+        kv_write_triton(k_cache, v_cache, 0, new_k, new_v, cache_len)
         return tree_attention_triton(q, k_cache, v_cache, 0, cache_len, tree_mask, scale)
 
     side = torch.cuda.Stream()

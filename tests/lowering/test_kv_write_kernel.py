@@ -1,4 +1,5 @@
-"""The generated kv_write kernel (lowering/kv_write_triton.py) equals the reference, run through
+"""The generated kv_write kernel (lowering/kv_write_triton.py: K and V in one launch) equals the
+reference applied to each cache, run through
 Triton's interpreter on the CPU (in a fresh interpreting process when this one compiles; see
 tests/lowering/interpreter.py)."""
 
@@ -47,18 +48,26 @@ def write_cases(draw):
 def test_kv_write_kernel_equals_reference(case):
     gen = torch.Generator().manual_seed(case["seed"])
     batch, n_kv, steps, head_dim = case["batch"], case["n_kv"], case["steps"], case["head_dim"]
+
+    def new_tokens():
+        if case["heads_last"]:
+            new = torch.randn(batch, steps, n_kv, head_dim, generator=gen).transpose(1, 2)
+        else:
+            new = torch.randn(batch, n_kv, steps, head_dim, generator=gen)
+        return new.to(case["new_dtype"])
+
     # Random (never zero) cache contents: a missing write and a stray write both show.
-    cache = torch.randn(case["n_layers"], batch, n_kv, case["capacity"], head_dim, generator=gen).to(case["cache_dtype"])
-    if case["heads_last"]:
-        new = torch.randn(batch, steps, n_kv, head_dim, generator=gen).transpose(1, 2)
-    else:
-        new = torch.randn(batch, n_kv, steps, head_dim, generator=gen)
-    new = new.to(case["new_dtype"])
+    shape = (case["n_layers"], batch, n_kv, case["capacity"], head_dim)
+    k_cache = torch.randn(*shape, generator=gen).to(case["cache_dtype"])
+    v_cache = torch.randn(*shape, generator=gen).to(case["cache_dtype"])
+    k, v = new_tokens(), new_tokens()
     cache_len = torch.tensor(case["cache_len"], dtype=case["cache_len_dtype"])
-    expected = cache.clone()
-    kv_write_reference(expected, case["layer"], new, cache_len)
-    kv_write_triton(cache, case["layer"], new, cache_len)
-    assert torch.equal(cache, expected)
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    kv_write_reference(k_expected, case["layer"], k, cache_len)
+    kv_write_reference(v_expected, case["layer"], v, cache_len)
+    kv_write_triton(k_cache, v_cache, case["layer"], k, v, cache_len)
+    assert torch.equal(k_cache, k_expected)
+    assert torch.equal(v_cache, v_expected)
 
 
 @interpreted
@@ -69,11 +78,14 @@ def test_kv_write_kernel_drops_positions_past_the_cache_end_and_touches_nothing_
     storage = torch.randn(1, 2, 2, 12, 8, generator=gen)
     cache = storage[:, :, :, :10]
     guard = storage[:, :, :, 10:].clone()
-    new = torch.randn(2, 2, 4, 8, generator=gen)
-    kv_write_triton(cache, 0, new, torch.tensor([8, 3]))  # sequence 0: positions 8..11, 2 fit
-    assert torch.equal(storage[:, :, :, 10:], guard)
+    v_storage = torch.randn(1, 2, 2, 12, 8, generator=gen)
+    v_cache, v_guard = v_storage[:, :, :, :10], v_storage[:, :, :, 10:].clone()
+    new, v_new = torch.randn(2, 2, 4, 8, generator=gen), torch.randn(2, 2, 4, 8, generator=gen)
+    kv_write_triton(cache, v_cache, 0, new, v_new, torch.tensor([8, 3]))  # sequence 0: positions 8..11, 2 fit
+    assert torch.equal(storage[:, :, :, 10:], guard) and torch.equal(v_storage[:, :, :, 10:], v_guard)
     assert torch.equal(cache[0, 0, :, 8:10], new[0, :, :2])
     assert torch.equal(cache[0, 1, :, 3:7], new[1])
+    assert torch.equal(v_cache[0, 1, :, 3:7], v_new[1])
 
 
 @interpreted
@@ -86,16 +98,19 @@ def test_kv_write_kernel_drops_negative_positions_and_touches_nothing_before_the
     storage = torch.randn(1, 1, 2, 12, 8, generator=gen)
     cache = storage[:, :, :, 2:]
     guard = storage[:, :, :, :2].clone()
-    new = torch.randn(1, 2, 4, 8, generator=gen)
-    kv_write_triton(cache, 0, new, torch.tensor([-2]))  # positions -2..1: only 0 and 1 land
-    assert torch.equal(storage[:, :, :, :2], guard)
+    v_storage = torch.randn(1, 1, 2, 12, 8, generator=gen)
+    v_cache, v_guard = v_storage[:, :, :, 2:], v_storage[:, :, :, :2].clone()
+    new, v_new = torch.randn(1, 2, 4, 8, generator=gen), torch.randn(1, 2, 4, 8, generator=gen)
+    kv_write_triton(cache, v_cache, 0, new, v_new, torch.tensor([-2]))  # positions -2..1: only 0 and 1 land
+    assert torch.equal(storage[:, :, :, :2], guard) and torch.equal(v_storage[:, :, :, :2], v_guard)
     assert torch.equal(cache[0, 0, :, :2], new[0, :, 2:])
+    assert torch.equal(v_cache[0, 0, :, :2], v_new[0, :, 2:])
 
 
 @interpreted
 def test_kv_write_kernel_source_is_listed_after_a_write():
     cache = torch.randn(1, 1, 1, 6, 8)
-    kv_write_triton(cache, 0, torch.randn(1, 1, 3, 8), torch.tensor([1]))
+    kv_write_triton(cache, cache.clone(), 0, torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8), torch.tensor([1]))
     assert kernel_source(head_dim=8, block_t=4) in generated_sources().values()
     assert all(key.startswith("kv_write_") for key in generated_sources())
 
@@ -111,4 +126,6 @@ def test_kv_write_kernel_source_is_deterministic_and_specialised():
 def test_kv_write_kernel_rejects_a_mismatched_new_before_launching():
     cache = torch.randn(1, 2, 2, 8, 4)
     with pytest.raises(ValueError, match="does not fit cache"):
-        kv_write_triton(cache, 0, torch.randn(2, 3, 1, 4), torch.tensor([0, 0]))
+        kv_write_triton(cache, cache, 0, torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="K and V of one shape"):
+        kv_write_triton(cache, cache, 0, torch.randn(2, 2, 1, 4), torch.randn(2, 2, 3, 4), torch.tensor([0, 0]))
