@@ -19,7 +19,8 @@ around graph replays (median of `repeats`, after warm-up):
   verify N,      the same verify program compiled by Inductor with fixed shapes, at the plain
   compiled       step's batch and context, for N = 1, the default tree and the largest N: the
                  like-for-like comparison with the compiled plain step (one compile each).
-  drafting       the draft half of the speculative step for the default static tree
+  drafting       the draft half of the speculative step for the default static tree, over
+                 the whole vocabulary or (--draft-vocabs) over draft vocabularies of K tokens
                  (static_tree("eagle"), 25 nodes, depth 5): the catch-up forward plus one draft
                  forward and top-k per level, as passes/speculative_step.py runs them.
   tree attention specc::tree_attention alone, one call per layer (each on its own layer of the
@@ -561,9 +562,10 @@ def _compiled_verify(program, tree: str | int, batch: int, context: int, capacit
 
 
 def _configuration(program, draft, batch: int, context: int, capacity: int, trees: list, repeats: int,
-                   warmup: int, progress: Progress) -> dict:
+                   warmup: int, progress: Progress, draft_vocabs: Sequence[int] = (0,)) -> dict:
     """Every measurement at one (batch, context): verify and tree attention for each tree, and
-    for the default tree drafting and accept+commit. The caches live only for this call."""
+    for the default tree drafting (once per draft vocabulary size) and accept+commit. The caches
+    live only for this call."""
     k_cache, v_cache = random_cache(program, batch, capacity, seed=batch + context)
     rows = {"verify": [], "tree_attention": [], "drafting": [], "accept_commit": []}
     timer = {"device": program.device, "repeats": repeats, "warmup": warmup}
@@ -580,16 +582,29 @@ def _configuration(program, draft, batch: int, context: int, capacity: int, tree
         progress(f"B={batch} C={context} N={len(parents)} ({where['tree']}): verify "
                  f"{_median(rows['verify'][-1]):.3f} ms, tree attention {attention['median_ms']:.3f} ms")
         if tree == DEFAULT_TREE:
-            drafting, accept = _speculative_parts(program, draft, parents, inputs, verify, k_cache, v_cache,
-                                                  context, capacity, timer)
-            rows["drafting"].append({**where, **drafting})
-            rows["accept_commit"].append({**where, **accept})
-            progress(f"B={batch} C={context} {where['tree']}: drafting {_median(drafting):.3f} ms, "
-                     f"accept+commit {_median(accept):.3f} ms")
+            for i, size in enumerate(draft_vocabs):
+                drafting, accept = _speculative_parts(program, with_draft_vocab(draft, size), parents, inputs, verify,
+                                                      k_cache, v_cache, context, capacity, timer)
+                rows["drafting"].append({**where, "draft_vocab": size, **drafting})
+                if i == 0:  # accept+commit does not read the draft's logits
+                    rows["accept_commit"].append({**where, **accept})
+                progress(f"B={batch} C={context} {where['tree']}: drafting "
+                         f"{'over all tokens' if size == 0 else f'over {size} tokens'} {_median(drafting):.3f} ms, "
+                         f"accept+commit {_median(rows['accept_commit'][-1]):.3f} ms")
     del k_cache, v_cache
     if program.device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def with_draft_vocab(draft, size: int):
+    """The random draft proposing from its first `size` token ids (0: all). A random head has no
+    token counts; only the LM head's row count matters for the timing."""
+    if size == 0:
+        return draft
+    if size > draft.config.vocab_size:
+        raise ValueError(f"a draft vocabulary of {size} tokens; the model has {draft.config.vocab_size}")
+    return draft.with_draft_vocab(0).set_draft_vocab(torch.arange(size))
 
 
 def _speculative_parts(program, draft, parents: list[int], inputs: TreeInputs, verify: Callable,
@@ -646,6 +661,7 @@ def derive(report: dict) -> dict:
     report["shares"] = []
     for drafting in report["drafting"]:
         where = {k: drafting[k] for k in ("batch", "context", "nodes", "tree")}
+        extra = {"draft_vocab": drafting["draft_vocab"]} if "draft_vocab" in drafting else {}
         parts = {
             "drafting_ms": _median(drafting),
             "tree_attention_ms": _median(_find(report["tree_attention"], **where)),
@@ -653,7 +669,7 @@ def derive(report: dict) -> dict:
             "accept_commit_ms": _median(_find(report["accept_commit"], **where)),
         }
         total = sum(parts.values())
-        report["shares"].append({**where, **parts, "verify_ms": _median(_find(report["verify"], **where)),
+        report["shares"].append({**where, **extra, **parts, "verify_ms": _median(_find(report["verify"], **where)),
                                  "total_ms": total,
                                  "share": {k.removesuffix("_ms"): v / total for k, v in parts.items()}})
 
@@ -775,6 +791,7 @@ def run(
     progress: Progress | None = None,
     shapes: str = "llama3-8b",
     compiled_verify: bool = True,
+    draft_vocabs: Sequence[int] = (0,),
 ) -> dict:
     """Run the whole benchmark and return the report (every timing in ms: median and spread).
 
@@ -782,7 +799,8 @@ def run(
     (tests: tiny ones on CPU). `out`: a JSON path, rewritten after every finished piece. Verify
     always includes N = 1 (the ratios' denominator) and the default tree's size. With `compile`,
     the plain step is compiled and, with `compiled_verify`, the verify program too, for N = 1,
-    the default tree and the largest N, at the plain step's batch and context."""
+    the default tree and the largest N, at the plain step's batch and context. `draft_vocabs`:
+    the drafting is timed once per size (0: the whole vocabulary; K: a draft vocabulary of K)."""
     progress = progress or Progress()
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -808,6 +826,7 @@ def run(
         "timeline_seconds": {},
         "verify": [], "tree_attention": [], "drafting": [], "accept_commit": [], "verify_compiled": [],
     }
+    report["settings"]["draft_vocabs"] = list(draft_vocabs)
     report["copy_bandwidth_bytes_per_s"] = memory_bandwidth(device)
     progress(f"copy bandwidth {report['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s")
 
@@ -828,7 +847,7 @@ def run(
     for batch in batch_sizes:
         for context in contexts:
             rows = _configuration(program, draft, batch, context, context + capacity_extra, trees, repeats, warmup,
-                                  progress)
+                                  progress, draft_vocabs)
             for key, values in rows.items():
                 report[key].extend(values)
             _checkpoint(report, out)
@@ -989,8 +1008,9 @@ def _share_lines(report: dict) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for row in report.get("shares", []):
         share = row["share"]
+        vocab = f" over {row['draft_vocab']} tokens" if row.get("draft_vocab") else ""
         lines.append(
-            f"| {row['batch']} | {row['context']} | {_ms(row['drafting_ms'])} ({share['drafting']:.0%}) | "
+            f"| {row['batch']} | {row['context']} | {_ms(row['drafting_ms'])}{vocab} ({share['drafting']:.0%}) | "
             f"{_ms(row['tree_attention_ms'])} ({share['tree_attention']:.0%}) | {_ms(row['verify_rest_ms'])} "
             f"({share['verify_rest']:.0%}) | {_ms(row['accept_commit_ms'])} ({share['accept_commit']:.0%}) | "
             f"{_ms(row['total_ms'])} |")
@@ -1038,14 +1058,19 @@ def plot(report: dict, out_dir: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------- command line
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, minimum: int = 1, example: str = "1,8,32") -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 1,8,32)") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 1,8,32")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. {example})") from None
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers >= {minimum}, e.g. {example}")
     return values
+
+
+def _sizes(text: str) -> list[int]:
+    """Draft vocabulary sizes: 0 (the whole vocabulary) or more."""
+    return _int_list(text, minimum=0, example="0,32768")
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
@@ -1064,12 +1089,14 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", choices=list(SHAPE_LABELS), default="llama3-8b",
                         help="the model shapes, random weights (default llama3-8b; smollm2-135m: the embedded model's)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--draft-vocabs", type=_sizes, default=[0],
+                        help="time the drafting over these draft vocabulary sizes (0: all tokens; e.g. 0,32768)")
 
 
 def cmd_systems(args: argparse.Namespace) -> int:
     report = run(batch_sizes=args.batch_sizes, contexts=args.contexts, nodes=args.nodes, repeats=args.repeats,
                  compile=not args.no_compile, compiled_verify=not args.no_compiled_verify, device=args.device,
-                 out=args.out, shapes=args.shapes)
+                 out=args.out, shapes=args.shapes, draft_vocabs=args.draft_vocabs)
     table = summary_table(report)
     if args.plots:
         for path in plot(report, args.plots):

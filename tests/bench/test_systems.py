@@ -315,3 +315,18 @@ def test_a_compiled_run_measures_the_plain_step_and_the_compiled_verifies(monkey
     target = report["targets"]["verify_largest_tree_over_plain"]
     assert target["compiled_verify_over_compiled_plain"] == rows[(4, "bfs4")]["over_compiled_plain"]
     assert report["settings"]["compiled_verify_nodes"] == [1, 25, 4]
+
+
+def test_drafting_is_timed_once_per_draft_vocabulary_size():
+    torch._dynamo.reset()
+    report = systems.run(batch_sizes=(1,), contexts=(32,), nodes=(1,), repeats=1, warmup=1, compile=False,
+                         device="cpu", dtype=torch.float32, config_overrides=TINY, draft_vocabs=(0, 16),
+                         progress=systems.Progress(io.StringIO()))
+    assert [r["draft_vocab"] for r in report["drafting"]] == [0, 16]
+    assert len(report["accept_commit"]) == 1
+    assert [r["draft_vocab"] for r in report["shares"]] == [0, 16]
+    assert report["settings"]["draft_vocabs"] == [0, 16]
+    assert "over 16 tokens" in systems.summary_table(report)
+    with pytest.raises(ValueError, match="the model has 128"):
+        systems.with_draft_vocab(systems.build_random_draft(systems.prepare_model(
+            systems.shapes_config("llama3-8b", **TINY), torch.float32, torch.device("cpu"))[0]), 129)
