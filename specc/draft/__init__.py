@@ -1,4 +1,5 @@
-"""EAGLE draft heads: the module (eagle.py), its training data (data.py) and training (train.py).
+"""EAGLE draft heads: the module (eagle.py), its training data (data.py) and training (train.py),
+its static trees (tree_tuning.py) and its draft vocabulary (vocab.py).
 
 specc ships one head it trained itself for the embedded SmolLM2-135M-Instruct
 (specc/assets/draft/README.md says how it was trained and what it measured).
@@ -12,9 +13,11 @@ SHIPPED_HEAD = Path(__file__).resolve().parent.parent / "assets" / "draft" / "sm
 
 
 # The shipped head's tree per batch size ({largest batch: tree}, the backend's `tree` option), the
-# best measured on an H200 (BENCHMARKS.md, sixth run; 80 MT-Bench first turns, greedy): the
-# tuned 64-node tree at batch 1 (2.01x plain), the tuned 8-node one at batch 8 (1.44x), a chain
-# of 2 from there on (1.23x at batch 32). The tuned trees suit this head alone (specc/assets/trees).
+# best measured on an H200 (BENCHMARKS.md; 80 MT-Bench first turns, greedy). Batch 1 (seventh run,
+# this head): the tuned 64-node tree, 2.32x plain with the head's default draft vocabulary. Batch
+# 8 and 32 (sixth run, the previous head and trees): the tuned 8-node tree (1.44x), a chain of 2
+# from there on (1.23x at batch 32); not re-measured with this head. The tuned trees suit this
+# head alone (specc/assets/trees).
 SHIPPED_HEAD_TREES = {1: "tuned:64,6", 8: "tuned:8,3", 32: "chain:2"}
 
 

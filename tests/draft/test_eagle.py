@@ -151,3 +151,21 @@ def test_specc_draft_vocab_writes_a_head_with_its_counts(tmp_path, capsys):
 
     with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as handle:
         assert handle.metadata()["specc_training"] == "{}"
+
+
+def test_specc_draft_vocab_counts_the_response_tokens_of_a_data_dir(tmp_path, capsys):
+    import specc.cli
+    from specc.draft.data import Sequences, save_sequences
+    from specc.draft.eagle import load_draft
+
+    sequences = Sequences()
+    sequences.add([1, 2, 3, 9, 9, 9, 4], 3, True, "gsm8k")  # prompt 1, 2, 3: not counted
+    sequences.add([5, 6, 4, 4], 2, False, "code")
+    save_sequences(tmp_path / "data", sequences)
+    _draft("eagle3", seed=8).save(tmp_path / "head.safetensors")
+    assert specc.cli.main(["draft-vocab", "--draft", str(tmp_path / "head.safetensors"), "--data-dir",
+                           str(tmp_path / "data"), "--size", "2", "--out", str(tmp_path / "new.safetensors")]) == 0
+    assert "6 response tokens counted, 2 distinct" in capsys.readouterr().out
+    loaded = load_draft(tmp_path / "new.safetensors")
+    assert loaded.draft_vocab.tolist() == [4, 9]
+    assert loaded.token_counts[[1, 2, 3, 4, 9]].tolist() == [0, 0, 0, 3, 3]
