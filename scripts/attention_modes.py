@@ -1,8 +1,9 @@
 """Time specc::tree_attention's two launch modes side by side on the GPU (not a test).
 
 split: flash-decoding chunks of the prefix plus the tree pass, then the merge kernel (two
-launches); fused: one program per (row tile, sequence, KV head) streams prefix and tree through
-one online softmax (one launch). `tree_attention_triton` picks split whenever the row tiles
+launches); fold: the same split, merged by each tile's last program, with chunks of at least
+256 keys (one launch; SPECC_ATTENTION_MERGE=fold); fused: one program per (row tile, sequence,
+KV head) streams prefix and tree through one online softmax (one launch). `tree_attention_triton` picks split whenever the row tiles
 alone give under ~2 programs per SM and the cache's capacity exceeds one 256-key chunk, from
 static shapes only; this measures what each mode costs at the context a decode step actually
 sees, for SmolLM2's heads (Hq 9, Hkv 3, D 64) and Llama-3-8B's (32, 8, 128), batch 1, bf16.
@@ -65,12 +66,12 @@ def main() -> None:
                     continue
                 cache_len = torch.tensor([context], device=device)
                 row = {"shape": shape, "nodes": steps, "context": context}
-                for mode, splits in (("default", None), ("fused", 0)):
-                    row[f"{mode}_us"] = _time_per_call(lambda s=splits: tree_attention_triton(
-                        q, k_cache, v_cache, 0, cache_len, mask, head_dim**-0.5, out=out, num_splits=s))
+                for mode, splits, fold in (("default", None, False), ("fold", None, True), ("fused", 0, False)):
+                    row[f"{mode}_us"] = _time_per_call(lambda s=splits, f=fold: tree_attention_triton(
+                        q, k_cache, v_cache, 0, cache_len, mask, head_dim**-0.5, out=out, num_splits=s, fold_merge=f))
                 rows.append(row)
                 print(f"{shape:13s} N={steps:3d} context={context:5d}  default (split) {row['default_us']:6.2f} µs  "
-                      f"fused {row['fused_us']:6.2f} µs", flush=True)
+                      f"fold {row['fold_us']:6.2f} µs  fused {row['fused_us']:6.2f} µs", flush=True)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "capacity": args.capacity, "rows": rows}
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=1)

@@ -161,3 +161,40 @@ def test_kernels_replay_in_a_cuda_graph_with_new_cache_lengths(shape):
         torch.cuda.synchronize()
         assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
         assert_close_relative(out, attention_fp64(q, k_cache, v_cache, 0, cache_len, tree_mask, scale), dtype)
+
+
+@pytest.mark.parametrize("steps", [1, 25, 64])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=str)
+def test_the_folded_merge_matches_the_reference_replay_after_replay(shape, steps):
+    # The tile's last program merges the split (SPECC_ATTENTION_MERGE=fold): the partials of
+    # the other programs must be visible to it, and its counter back at zero for the next
+    # call. Many replays of a graph of back-to-back calls, each with new cache lengths.
+    from specc.lowering import tree_attention_triton as module
+
+    n_heads, n_kv, head_dim = SHAPES[shape]
+    batch, dtype = 1, torch.bfloat16
+    q, k_cache, v_cache, cache_len, tree_mask = random_case(n_heads, n_kv, head_dim, batch, steps, dtype, seed=5,
+                                                            max_cache=4096)
+    scale = head_dim**-0.5
+    outs = [torch.empty_like(q) for _ in range(4)]
+
+    def calls():
+        for out in outs:
+            module.tree_attention_triton(q, k_cache, v_cache, 0, cache_len, tree_mask, scale, out=out, fold_merge=True)
+
+    calls()  # compiles and allocates the counters outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls()
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    for trial in range(20):
+        cache_len.copy_(torch.randint(0, 4097, (batch,), generator=gen, device="cuda", dtype=cache_len.dtype))
+        q.copy_(torch.randn(q.shape, generator=gen, device="cuda").to(dtype))
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = attention_fp64(q, k_cache, v_cache, 0, cache_len, tree_mask, scale)
+        for out in outs:
+            assert_close_relative(out, expected, dtype)
+        assert not module._COUNTERS[q.device].any(), "a counter was left non-zero"

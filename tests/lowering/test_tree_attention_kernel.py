@@ -108,6 +108,31 @@ def test_tree_attention_kernel_equals_reference(case):
 
 
 @interpreted
+@settings(max_examples=30, deadline=None)
+@given(case=attention_cases(), min_chunk=st.sampled_from([0, 64, 256]))
+def test_the_folded_merge_equals_the_reference_and_leaves_its_counters_at_zero(case, min_chunk):
+    # The tile's last program merges (no merge kernel); min_chunk 0 keeps every chunk of the
+    # split busy, 256 makes these short caches one chunk and the other chunk programs empty.
+    from specc.lowering import tree_attention_triton as module
+
+    q, k_cache, v_cache, cache_len, tree_mask = make_inputs(case)
+    scale = case["head_dim"] ** -0.5
+    num_splits = case["num_splits"] or 2  # a split: the fold has nothing to do without one
+    expected = tree_attention_reference(q, k_cache, v_cache, case["layer"], cache_len, tree_mask, scale)
+    for _ in range(2):  # the second call finds the counters the first one reset
+        out = run_kernel(q, k_cache, v_cache, case["layer"], cache_len, tree_mask, scale, num_splits=num_splits,
+                         fold_merge=True, min_chunk=min_chunk)
+        torch.testing.assert_close(out.float(), expected.float(), **TOLERANCE[case["dtype"]])
+        assert not module._COUNTERS[q.device].any()
+    source = kernel_source(head_dim=case["head_dim"], gqa_group=case["group"],
+                           dtype="float32" if case["dtype"] == torch.float32 else "float16",
+                           block_m=16 if case["dtype"] == torch.float32 else
+                           min(128, max(16, 1 << (len(case["parents"][0]) * case["group"] - 1).bit_length())),
+                           block_n=64, split_kv=True, fold_merge=True)
+    assert source in generated_sources().values()
+
+
+@interpreted
 @settings(max_examples=20, deadline=None)
 @given(case=attention_cases(max_steps=8, max_cache=40))
 def test_tree_attention_kernel_equals_sdpa_with_dense_mask(case):
@@ -204,6 +229,8 @@ def test_kernel_source_is_deterministic_and_specialised():
     assert 'DOT_PRECISION = tl.constexpr("ieee")' in kernel_source(**{**params, "dtype": "float32"})
     assert source != kernel_source(**{**params, "gqa_group": 4})
     assert "SPLIT_KV = tl.constexpr(False)" in kernel_source(**{**params, "split_kv": False})
+    assert "FOLD_MERGE = tl.constexpr(True)" in kernel_source(**params, fold_merge=True)
+    assert "FOLD_MERGE = tl.constexpr(False)" in kernel_source(**{**params, "split_kv": False}, fold_merge=True)
     compile(source, "<tree_attention kernel>", "exec")  # valid Python
 
 
