@@ -495,6 +495,14 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, mininterval=1.0 if sys.stderr.isatty() else 15.0)
 
 
+def share_of_remaining(deadline: float | None, share: float) -> float | None:
+    """A deadline (time.monotonic()) that leaves `share` of the time until `deadline` to spend now."""
+    if deadline is None:
+        return None
+    now = time.monotonic()
+    return now + max(0.0, deadline - now) * share
+
+
 def generate_batched(
     compiled: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -608,7 +616,9 @@ def build_dataset(
     on a GPU, compile=False with cuda_graph=True replays the uncompiled step from a CUDA graph
     and spends none of Inductor's minutes of compilation. With `time_budget` (seconds), generation stops
     launching batches once it is spent, keeps what it has (in the planned mix, since prompts
-    are shuffled) and still saves; the summary's `stopped_early` says so."""
+    are shuffled) and still saves; the summary's `stopped_early` says so. The first-turn answers
+    get the share of the budget left after self-instruct that their count has among all planned
+    answers, so the follow-ups are not starved."""
     start = time.perf_counter()
     deadline = None if time_budget is None else time.monotonic() + time_budget
     out_dir = Path(out_dir)
@@ -667,7 +677,12 @@ def build_dataset(
     rng.shuffle(items)
     items, prompt_ids = encode(items)
     modes = [i.greedy for i in items]
-    responses = generate_batched(compiled, prompt_ids, modes, seed=seed + 2, desc="answers", **gen)
+    # the first turns may spend only their share of what is left of a time budget, so that the
+    # follow-ups planned after them still get theirs (one budget spent on first turns alone
+    # left a run without follow-ups)
+    first_share = len(items) / max(1, len(items) + counts["follow_up"])
+    responses = generate_batched(compiled, prompt_ids, modes, seed=seed + 2, desc="answers",
+                                 **{**gen, "deadline": share_of_remaining(deadline, first_share)})
     for item, mode in zip(items, modes):
         item.greedy = mode
     answered = [i for i, r in enumerate(responses) if r is not None]

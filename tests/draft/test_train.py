@@ -467,3 +467,14 @@ def test_profile_steps_reports_the_costliest_ops():
     table = train_module.profile_steps(target, "unused", TrainConfig(kind="eagle3", batch_size=2, eval_sequences=1),
                                        steps=2, warmup=1, sequences=sequences)
     assert "steps/s" in table and "aten::mm" in table
+
+
+def test_a_time_budget_leaves_the_follow_ups_their_share(monkeypatch):
+    from specc.draft import data as draft_data
+
+    clock = [100.0]
+    monkeypatch.setattr(draft_data.time, "monotonic", lambda: clock[0])
+    assert draft_data.share_of_remaining(None, 0.5) is None
+    assert draft_data.share_of_remaining(140.0, 0.75) == pytest.approx(130.0)
+    clock[0] = 150.0  # past the deadline: nothing left to share
+    assert draft_data.share_of_remaining(140.0, 0.75) == pytest.approx(150.0)
