@@ -296,7 +296,8 @@ def load_model_and_head(args: argparse.Namespace, dtype_name: str | None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name or ("bf16" if device == "cuda" else "fp32")]
     model, tokenizer = load_llama(args.model, dtype=dtype, device=device)
-    return model, tokenizer, load_draft(args.draft or default_draft_path(), model), dtype
+    draft = load_draft(args.draft or default_draft_path(), model, draft_vocab=getattr(args, "draft_vocab", None))
+    return model, tokenizer, draft, dtype
 
 
 def cmd_gap(args: argparse.Namespace) -> int:

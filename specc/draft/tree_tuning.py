@@ -257,6 +257,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a Llama GGUF (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--draft", default=None, help="the head (default: the shipped one)")
+    parser.add_argument("--draft-vocab", type=int, default=None, metavar="K",
+                        help="rank within the head's top K tokens (0: the whole vocabulary; default: the head "
+                             "file's own draft vocabulary, as decoding uses it)")
     parser.add_argument("--prompts", default="seed-tasks", help="seed-tasks, gsm8k or a JSONL file (never MT-Bench)")
     parser.add_argument("--n-prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=192)
@@ -317,7 +320,7 @@ def _measure(args: argparse.Namespace, depth: int) -> tuple[torch.Tensor, dict]:
                          log=lambda line: print(line, flush=True))
     ranks = chain_ranks(model, draft, texts, depth, [len(p) for p in prompts], log=lambda line: print(line, flush=True))
     measured = {"dtype": str(dtype), "prompts": args.prompts, "n_prompts": len(prompts),
-                "max_new_tokens": args.max_new_tokens,
+                "max_new_tokens": args.max_new_tokens, "proposal_vocab_size": draft.proposal_vocab_size,
                 "response_tokens": sum(len(t) - len(p) for t, p in zip(texts, prompts))}
     if args.save_ranks:
         # ranks past 32767 only ever mean "not in any tree": int16 keeps the file small
