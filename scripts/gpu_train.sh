@@ -12,8 +12,10 @@
 # is skipped; with INIT_FROM the run starts from that head's weights. RUN_DIR (default ~/m/run)
 # holds the run, so a second call on the warm machine can train on from the first call's head
 # into a fresh run (RUN_DIR=~/m/run2 SKIP_GEN=1 INIT_FROM=~/m/run/draft-best.safetensors).
-# NO_SHARDS=1 keeps the data shards off $OUT. TUNE=1 then runs `specc tune-tree` for the new head
-# on the GPU in fp32 (seed tasks and GSM8K, as specc/assets/trees was tuned) into $OUT/tuning.json.
+# NO_SHARDS=1 keeps the data shards off $OUT. The head under $OUT carries the data's token
+# counts and a default draft vocabulary of DRAFT_VOCAB tokens (16384; 0: the whole vocabulary).
+# TUNE=1 then runs `specc tune-tree` for the new head over the whole vocabulary, on the GPU in
+# fp32 (seed tasks and GSM8K, as specc/assets/trees was tuned), into $OUT/tuning.json.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 # training batches vary in width: let the allocator grow segments instead of fragmenting
@@ -37,7 +39,9 @@ gen() {
     --fit-steps-to-time --resume --batch-tokens "${TRAIN_BATCH_TOKENS:-24576}" --max-len 768 --lr "${TRAIN_LR:-5e-4}" \
     --seed 0 --eval-every "${EVAL_EVERY:-200}" ${INIT_FROM:+--init-from "$INIT_FROM"} --no-progress
 } 2>&1 | grep --line-buffered -v -i warn | tee "$RUN_DIR/train.log" | tail -40
-cp "$RUN_DIR/draft-best.safetensors" "$OUT/" 2>/dev/null
+# the head comes back with its data's token counts and a default draft vocabulary (DRAFT_VOCAB, 0: all)
+specc draft-vocab --draft "$RUN_DIR/draft-best.safetensors" --data-dir ~/m/data --size "${DRAFT_VOCAB:-16384}" \
+  --out "$OUT/draft-best.safetensors" 2>&1 | tail -3 || cp "$RUN_DIR/draft-best.safetensors" "$OUT/" 2>/dev/null
 # the data shards come back while they fit $OUT's 64 MiB (head, run.tar and three 12 MiB shards)
 [ -z "${NO_SHARDS:-}" ] && ls ~/m/data/seqs-*.pt 2>/dev/null | head -3 | xargs -r -I{} cp {} "$OUT/"
 cp ~/m/data/recipe-*.json ~/m/data/prompts-*.jsonl "$RUN_DIR/" 2>/dev/null
