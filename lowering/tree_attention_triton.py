@@ -71,6 +71,27 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
+def _merge_partials(lse_rows, o_rows, row_ok, d_ok, num_parts, stride_ls, stride_ps,
+                    ROWS: tl.constexpr, CACHE: tl.constexpr):
+    # rows' partials (lse_rows [ROWS], o_rows [ROWS, BLOCK_D] point at part 0):
+    #   L = log2 sum_s 2^L_s,  O = sum_s 2^(L_s - L) O_s      (a part with L_s = -inf saw no key)
+    lse_max = tl.full([ROWS], NEG_INF, dtype=tl.float32)
+    for s in range(0, num_parts):
+        lse_max = tl.maximum(lse_max, tl.load(lse_rows + s * stride_ls, mask=row_ok, other=NEG_INF, cache_modifier=CACHE))
+    lse_max = tl.where(lse_max == NEG_INF, 0.0, lse_max)
+    weight_sum = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for s in range(0, num_parts):
+        lse = tl.load(lse_rows + s * stride_ls, mask=row_ok, other=NEG_INF, cache_modifier=CACHE)
+        weight = tl.exp2(lse - lse_max)
+        o = tl.load(o_rows + s * stride_ps, mask=(row_ok & (lse > NEG_INF))[:, None] & d_ok[None, :], other=0.0,
+                    cache_modifier=CACHE)
+        acc += weight[:, None] * o
+        weight_sum += weight
+    return acc / tl.where(weight_sum > 0.0, weight_sum, 1.0)[:, None]
+
+
+@triton.jit
 def tree_attention_kernel(
     q_ptr,  # [B, Hq, T, D]
     k_ptr, v_ptr,  # [B, Hkv, S, D]: the layer's slice of the stacked caches
@@ -188,27 +209,14 @@ def tree_attention_kernel(
         if FOLD_MERGE:
             # Every thread's partial stores come before the count (barrier, then a release);
             # the last program's loads come after it (acquire) and bypass L1 (.cg), which
-            # is not coherent across SMs. L = log2 sum_s 2^L_s, O = sum_s 2^(L_s - L) O_s.
+            # is not coherent across SMs.
             tl.debug_barrier()
             arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
             if arrived == num_splits:
                 lse_rows = lse_part_ptr + b * stride_lb + head * stride_lh + token
                 o_rows = o_part_ptr + b * stride_pb + head[:, None] * stride_ph + token[:, None] * stride_pt + d[None, :]
-                lse_max = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
-                for part in range(0, num_splits + 1):
-                    lse_max = tl.maximum(lse_max, tl.load(lse_rows + part * stride_ls, mask=row_ok, other=NEG_INF,
-                                                          cache_modifier=".cg"))
-                lse_max = tl.where(lse_max == NEG_INF, 0.0, lse_max)
-                weight_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-                merged = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-                for part in range(0, num_splits + 1):
-                    part_lse = tl.load(lse_rows + part * stride_ls, mask=row_ok, other=NEG_INF, cache_modifier=".cg")
-                    weight = tl.exp2(part_lse - lse_max)
-                    part_o = tl.load(o_rows + part * stride_ps, mask=(row_ok & (part_lse > NEG_INF))[:, None] & d_ok[None, :],
-                                     other=0.0, cache_modifier=".cg")
-                    merged += weight[:, None] * part_o
-                    weight_sum += weight
-                merged = merged / tl.where(weight_sum > 0.0, weight_sum, 1.0)[:, None]
+                merged = _merge_partials(lse_rows, o_rows, row_ok, d_ok, num_splits + 1, stride_ls, stride_ps,
+                                         BLOCK_M, ".cg")
                 tl.store(
                     out_ptr + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_ot + d[None, :] * stride_od,
                     merged.to(out_ptr.dtype.element_ty),
@@ -233,7 +241,7 @@ def tree_attention_merge_kernel(
     stride_ls, stride_lb, stride_lh,
     stride_ob, stride_oh, stride_ot, stride_od,
 ):
-    # One row = one (b, query head, token).  L = log2 sum_s 2^L_s,  O = sum_s 2^(L_s - L) O_s.
+    # One row = one (b, query head, token), merged as _merge_partials says.
     rows = tl.program_id(0) * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
     row_ok = rows < n_rows
     token = rows % steps
@@ -243,20 +251,7 @@ def tree_attention_merge_kernel(
     d_ok = d < HEAD_DIM
     lse_rows = lse_part_ptr + b * stride_lb + head * stride_lh + token
     o_rows = o_part_ptr + b[:, None] * stride_pb + head[:, None] * stride_ph + token[:, None] * stride_pt + d[None, :]
-
-    lse_max = tl.full([MERGE_ROWS], NEG_INF, dtype=tl.float32)
-    for s in range(0, num_parts):
-        lse_max = tl.maximum(lse_max, tl.load(lse_rows + s * stride_ls, mask=row_ok, other=NEG_INF))
-    lse_max = tl.where(lse_max == NEG_INF, 0.0, lse_max)
-    weight_sum = tl.zeros([MERGE_ROWS], dtype=tl.float32)
-    acc = tl.zeros([MERGE_ROWS, BLOCK_D], dtype=tl.float32)
-    for s in range(0, num_parts):
-        lse = tl.load(lse_rows + s * stride_ls, mask=row_ok, other=NEG_INF)
-        weight = tl.exp2(lse - lse_max)
-        o = tl.load(o_rows + s * stride_ps, mask=(row_ok & (lse > NEG_INF))[:, None] & d_ok[None, :], other=0.0)
-        acc += weight[:, None] * o
-        weight_sum += weight
-    out = acc / tl.where(weight_sum > 0.0, weight_sum, 1.0)[:, None]
+    out = _merge_partials(lse_rows, o_rows, row_ok, d_ok, num_parts, stride_ls, stride_ps, MERGE_ROWS, "")
     tl.store(
         out_ptr + b[:, None] * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_ot + d[None, :] * stride_od,
         out.to(out_ptr.dtype.element_ty),
