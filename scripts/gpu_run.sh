@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lent-GPU call: install specc, run the GPU tests, the real-model checks and benchmarks.
 # Usage (second of the two model calls in ../shared/GPU.md, carry .gpu2; scripts/gpu_model.sh):
-#   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] [step_diff] [profile] [attention] ...
+#   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] [step_diff] [profile] [attention] [tune] ...
+# STAGE_FROM=~/m/stage runs them with the head gpu_train.sh left there.
 # DRAFT=path measures another head than the shipped one (spec, sampling); UNTRAINED_PROMPTS=0
 # skips the untrained-head rows of spec; SPEC_ARGS adds options (e.g. "--batch-sizes 8,32"). TAG=_x suffixes the gap, step_diff, systems and profile files.
 # PROFILE_ARGS='--trees eagle;dynamic:8,8,64 --steps 50' for profile (no inner quotes: the value is split on spaces).
@@ -11,6 +12,12 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source scripts/gpu_model.sh
+# STAGE_FROM=~/m/stage: measure the head (and trees, if tuned) that gpu_train.sh left on this warm
+# machine, in place of the shipped ones (the checkout here is a copy; nothing goes back)
+if [ -n "${STAGE_FROM:-}" ]; then
+  cp "$STAGE_FROM/draft-best.safetensors" specc/assets/draft/smollm2-135m-instruct-eagle3.safetensors || exit 1
+  [ -f "$STAGE_FROM/tuning.json" ] && cp "$STAGE_FROM/tuning.json" specc/assets/trees/smollm2-135m-instruct-eagle3.json
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 for job in "$@"; do
   case "$job" in
@@ -31,6 +38,13 @@ for job in "$@"; do
               | grep --line-buffered -v -i warn | tee "$OUT/step_diff${TAG:-}.log" | grep --line-buffered -E "^(---|accept)" ;;
     profile) specc bench profile --out "$OUT/profile${TAG:-}.json" --plot "$OUT/profile${TAG:-}.png" ${DRAFT:+--draft "$DRAFT"} ${PROFILE_ARGS:-} 2>&1 \
               | grep --line-buffered -v -i warn | tee "$OUT/profile${TAG:-}.log" | tail -45 ;;
+    tune)   for source in seed-tasks:96 gsm8k:48; do  # the head's trees (DRAFT, else the shipped or staged one), as specc/assets/trees was tuned
+              specc tune-tree --model "$GGUF" ${DRAFT:+--draft "$DRAFT"} --device cuda --dtype fp32 --prompts "${source%%:*}" --n-prompts "${source##*:}" \
+                --max-new-tokens 192 --batch-size 48 --nodes 64 --depths 8 --out ~/m/tune-${source%%:*}.json \
+                --save-ranks ~/m/ranks-${source%%:*}.pt 2>&1 | tail -3
+            done
+            specc tune-tree --from-ranks ~/m/ranks-seed-tasks.pt --from-ranks ~/m/ranks-gsm8k.pt --nodes 8,12,16,25,32,48,64 \
+              --depths 3,4,5,6,7,8 --out "$OUT/tuning.json" 2>&1 | tail -20 ;;
     attention) python3 scripts/attention_modes.py --out "$OUT/attention_modes.json" 2>&1 | tee "$OUT/attention_modes.log" | tail -45 ;;
     *) echo "unknown job $job" ;;
   esac

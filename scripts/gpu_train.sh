@@ -14,8 +14,9 @@
 # into a fresh run (RUN_DIR=~/m/run2 SKIP_GEN=1 INIT_FROM=~/m/run/draft-best.safetensors).
 # NO_SHARDS=1 keeps the data shards off $OUT. The head under $OUT carries the data's token
 # counts and a default draft vocabulary of DRAFT_VOCAB tokens (16384; 0: the whole vocabulary).
-# TUNE=1 then runs `specc tune-tree` for the new head over the whole vocabulary, on the GPU in
-# fp32 (seed tasks and GSM8K, as specc/assets/trees was tuned), into $OUT/tuning.json.
+# TUNE=1 then runs `specc tune-tree` for the new head within that draft vocabulary, on the GPU in
+# fp32 (seed tasks and GSM8K, as specc/assets/trees was tuned), into $OUT/tuning.json. The head
+# (and tuning.json) are also left in ~/m/stage for a follow-up call (gpu_run.sh's STAGE_FROM).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 # training batches vary in width: let the allocator grow segments instead of fragmenting
@@ -45,13 +46,10 @@ specc draft-vocab --draft "$RUN_DIR/draft-best.safetensors" --data-dir ~/m/data 
 # the data shards come back while they fit $OUT's 64 MiB (head, run.tar and three 12 MiB shards)
 [ -z "${NO_SHARDS:-}" ] && ls ~/m/data/seqs-*.pt 2>/dev/null | head -3 | xargs -r -I{} cp {} "$OUT/"
 cp ~/m/data/recipe-*.json ~/m/data/prompts-*.jsonl "$RUN_DIR/" 2>/dev/null
-if [ -n "${TUNE:-}" ] && [ -f "$RUN_DIR/draft-best.safetensors" ]; then
-  for source in seed-tasks:96 gsm8k:48; do
-    specc tune-tree --model "$GGUF" --draft "$RUN_DIR/draft-best.safetensors" --device cuda --dtype fp32 \
-      --prompts "${source%%:*}" --n-prompts "${source##*:}" --max-new-tokens 192 --batch-size 48 --nodes 64 --depths 8 \
-      --out "$RUN_DIR/tune-${source%%:*}.json" --save-ranks "$RUN_DIR/ranks-${source%%:*}.pt" 2>&1 | tail -3
-  done
-  specc tune-tree --from-ranks "$RUN_DIR/ranks-seed-tasks.pt" --from-ranks "$RUN_DIR/ranks-gsm8k.pt" \
-    --nodes 8,12,16,25,32,48,64 --depths 3,4,5,6,7,8 --out "$OUT/tuning.json" 2>&1 | tail -50 | tee "$RUN_DIR/tune.log"
+# a later call on the warm machine benches this head: STAGE_FROM=~/m/stage bash scripts/gpu_run.sh spec
+mkdir -p ~/m/stage && cp "$OUT/draft-best.safetensors" ~/m/stage/ 2>/dev/null
+if [ -n "${TUNE:-}" ] && [ -f "$OUT/draft-best.safetensors" ]; then
+  DRAFT="$OUT/draft-best.safetensors" OUT="$OUT" bash scripts/gpu_run.sh tune 2>&1 | tee "$RUN_DIR/tune.log"
+  cp "$OUT/tuning.json" ~/m/stage/ 2>/dev/null
 fi
 tar -C "$RUN_DIR" -cf "$OUT/run.tar" --exclude=ckpt --exclude=draft-best.safetensors . && ls -la "$OUT"
