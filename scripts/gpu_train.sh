@@ -47,7 +47,7 @@ specc draft-vocab --draft "$RUN_DIR/draft-best.safetensors" --data-dir ~/m/data 
 [ -z "${NO_SHARDS:-}" ] && ls ~/m/data/seqs-*.pt 2>/dev/null | head -3 | xargs -r -I{} cp {} "$OUT/"
 cp ~/m/data/recipe-*.json ~/m/data/prompts-*.jsonl "$RUN_DIR/" 2>/dev/null
 # a later call on the warm machine benches this head: STAGE_FROM=~/m/stage bash scripts/gpu_run.sh spec
-mkdir -p ~/m/stage && cp "$OUT/draft-best.safetensors" ~/m/stage/ 2>/dev/null
+rm -rf ~/m/stage && mkdir -p ~/m/stage && cp "$OUT/draft-best.safetensors" ~/m/stage/ 2>/dev/null  # no stale tuning.json from an earlier call
 if [ -n "${TUNE:-}" ] && [ -f "$OUT/draft-best.safetensors" ]; then
   DRAFT="$OUT/draft-best.safetensors" OUT="$OUT" bash scripts/gpu_run.sh tune 2>&1 | tee "$RUN_DIR/tune.log"
   cp "$OUT/tuning.json" ~/m/stage/ 2>/dev/null
