@@ -70,6 +70,20 @@ def kernel_rows(events, steps: int, device_kernels: bool) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
+def step_timeline(events, steps: int) -> list[dict]:
+    """The device kernels of the first profiled step, in launch order: name, kind, start (µs
+    from the step's first kernel) and duration. In a CUDA graph the order is the step's program
+    order (catch-up, draft levels, verify, commit), so where a phase begins and how long the
+    gaps between kernels are can be read off it."""
+    kernels = sorted((e for e in events if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    per_step = len(kernels) // steps if steps else 0
+    if not per_step:
+        return []
+    first = kernels[0].time_range.start
+    return [{"name": e.name, "kind": kernel_kind(e.name), "start_us": e.time_range.start - first,
+             "us": e.time_range.elapsed_us()} for e in kernels[:per_step]]
+
+
 def by_kind(rows: list[dict]) -> dict[str, dict]:
     kinds: dict[str, dict] = {}
     for row in rows:
@@ -99,7 +113,9 @@ def profile_engine(engine, steps: int) -> dict:
         for _ in range(steps):
             step()
         sync()
-    rows = kernel_rows(prof.events(), steps, device_kernels=on_gpu)
+    events = prof.events()
+    rows = kernel_rows(events, steps, device_kernels=on_gpu)
+    timeline = step_timeline(events, steps) if on_gpu else []
     return {
         "steps": steps,
         "cuda_graph": loop.step is not None,
@@ -108,13 +124,18 @@ def profile_engine(engine, steps: int) -> dict:
         "us_per_step": sum(r["us_per_step"] for r in rows),
         "by_kind": by_kind(rows),
         "kernels": rows,
+        # first kernel's start to last kernel's end of one step: kernel time plus the gaps
+        "span_us": timeline[-1]["start_us"] + timeline[-1]["us"] if timeline else None,
+        "timeline": timeline,
     }
 
 
 def run(model, draft, prompt: list[int], trees: list[str], steps: int = 50, warm_tokens: int = 32,
-        compile: bool = True, log=print) -> list[dict]:
+        compile: bool = True, log=print, max_seq_len: int | None = None) -> list[dict]:
     """The plain step, then each tree's: decode `warm_tokens` of `prompt` (engine built and
-    captured as `specc.generate` builds it), then profile `steps` more steps."""
+    captured as `specc.generate` builds it), then profile `steps` more steps. `max_seq_len`:
+    the cache's capacity (default: just enough), which sets tree attention's prefix chunk count,
+    so pass what the benchmark being explained used (`specc bench spec`: 2,304 at 256 tokens)."""
     import specc
     from specc.generate import _default_max_seq_len, tree_plan
 
@@ -125,8 +146,11 @@ def run(model, draft, prompt: list[int], trees: list[str], steps: int = 50, warm
         backend = specc.backend() if plan is None else specc.backend(draft=draft, tree=tree)
         compiled = torch.compile(model, backend=backend)
         # room for the warm decode and the profiled steps, each advancing up to depth + 1
-        max_seq_len = _default_max_seq_len([prompt], warm_tokens + steps + 2, plan)
-        specc.generate(compiled, [prompt], max_new_tokens=warm_tokens, max_seq_len=max_seq_len, compile=compile)
+        needed = _default_max_seq_len([prompt], warm_tokens + steps + 2, plan)
+        if max_seq_len is not None and max_seq_len < needed:
+            raise ValueError(f"--max-seq-len {max_seq_len} is too small for this prompt, {warm_tokens} warm tokens "
+                             f"and {steps} steps of {tree}: give at least {needed}")
+        specc.generate(compiled, [prompt], max_new_tokens=warm_tokens, max_seq_len=max_seq_len or needed, compile=compile)
         (engine,) = compiled.__dict__["_specc_engines"].values()
         result = {"tree": tree, **profile_engine(engine, steps)}
         log(summary(result))
@@ -136,9 +160,10 @@ def run(model, draft, prompt: list[int], trees: list[str], steps: int = 50, warm
 
 def summary(result: dict, top: int = 12) -> str:
     unit = "µs"
+    span = f", first to last kernel {result['span_us']:.0f} {unit}" if result.get("span_us") else ""
     lines = [f"--- {result['tree']}: {result['kernels_per_step']:.0f} kernels per step, "
              f"{result['us_per_step']:.0f} {unit} per step ({result['timing']}"
-             f"{', CUDA graph' if result['cuda_graph'] else ''})"]
+             f"{', CUDA graph' if result['cuda_graph'] else ''}){span}"]
     lines.append("  by kind: " + ", ".join(f"{kind} {v['kernels_per_step']:.0f} kernels {v['us_per_step']:.0f} {unit} "
                                            f"({v['share']:.0%})" for kind, v in result["by_kind"].items()))
     for row in result["kernels"][:top]:
@@ -189,6 +214,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="trees profiled after the plain step, separated by ';' (commas belong to a dynamic spec)")
     parser.add_argument("--steps", type=int, default=50, help="profiled steps per configuration")
     parser.add_argument("--warm-tokens", type=int, default=32, help="tokens decoded before profiling")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="cache capacity (default: just enough; `specc bench spec` at 256 tokens uses 2304)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--no-compile", action="store_true", help="run the rewritten programs without Inductor")
@@ -221,8 +248,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise SystemExit(f"--steps {args.steps} --warm-tokens {args.warm_tokens}: give at least 1 of each")
     model, tokenizer, draft, dtype = load_model_and_head(args, args.dtype)
     prompt = load_prompts(tokenizer)[1][args.prompt]
-    results = run(model, draft, prompt, trees, args.steps, args.warm_tokens, compile=not args.no_compile,
-                  log=lambda text: print(text, flush=True))
+    try:
+        results = run(model, draft, prompt, trees, args.steps, args.warm_tokens, compile=not args.no_compile,
+                      log=lambda text: print(text, flush=True), max_seq_len=args.max_seq_len)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"environment": environment(), "command": shlex.join(sys.argv),

@@ -95,6 +95,32 @@ def test_on_a_gpu_the_rows_are_the_kernels_own_spans():
     assert [r["kind"] for r in rows] == ["gemm", "inductor"] and rows[0]["share"] == pytest.approx(2 / 3)
 
 
+def test_the_timeline_is_one_steps_kernels_in_launch_order():
+    """step_timeline: the first step's kernels sorted by start (events arrive in any order),
+    starts relative to the step's first kernel, CPU ops left out."""
+    from types import SimpleNamespace
+
+    def kernel(name, start, end):
+        span = SimpleNamespace(start=start, elapsed_us=lambda: end - start)
+        return SimpleNamespace(device_type=SimpleNamespace(name="CUDA"), name=name, time_range=span)
+
+    cpu_op = SimpleNamespace(device_type=SimpleNamespace(name="CPU"), name="aten::mm")
+    # two steps of three kernels; the second step's kernels come first in the list
+    events = [kernel("nvjet_gemm", 120, 130), kernel("topk_chunks_kernel", 131, 133), kernel("triton_poi_fused_0", 110, 114),
+              cpu_op, kernel("triton_poi_fused_0", 100, 104), kernel("nvjet_gemm", 105, 109), kernel("topk_chunks_kernel", 109.5, 110)]
+    timeline = step_profile.step_timeline(events, steps=2)
+    assert [(t["name"], t["kind"], t["start_us"], t["us"]) for t in timeline] == [
+        ("triton_poi_fused_0", "inductor", 0, 4), ("nvjet_gemm", "gemm", 5, 4), ("topk_chunks_kernel", "specc", 9.5, 0.5)]
+    assert step_profile.step_timeline([cpu_op], steps=2) == []
+
+
+def test_a_capacity_too_small_for_the_profile_is_refused(profiled):
+    target = reference_llama(SMALL, seed=1)
+    with pytest.raises(ValueError, match="--max-seq-len 8 is too small .* give at least"):
+        step_profile.run(target, None, [3, 1, 4, 1, 5], [], steps=4, warm_tokens=4, compile=False,
+                         log=lambda text: None, max_seq_len=8)
+
+
 def _report(gpu: str, gemm_us: float) -> dict:
     kernels = [{"name": "nvjet_sm90_tst_8x64", "calls_per_step": 3.0, "us_per_step": gemm_us},
                {"name": "triton_poi_fused_add_kv_write_0", "calls_per_step": 2.0, "us_per_step": 5.0},
