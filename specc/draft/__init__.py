@@ -15,10 +15,9 @@ SHIPPED_HEAD = Path(__file__).resolve().parent.parent / "assets" / "draft" / "sm
 # The shipped head's tree per batch size ({largest batch: tree}, the backend's `tree` option), the
 # best measured on an H200 (BENCHMARKS.md; 80 MT-Bench first turns, greedy). Batch 1 (seventh run,
 # this head): the tuned 64-node tree, 2.32x plain with the head's default draft vocabulary. Batch
-# 8 and 32 (sixth run, the previous head and trees): the tuned 8-node tree (1.44x), a chain of 2
-# from there on (1.23x at batch 32); not re-measured with this head. The tuned trees suit this
-# head alone (specc/assets/trees).
-SHIPPED_HEAD_TREES = {1: "tuned:64,6", 8: "tuned:8,3", 32: "chain:2"}
+# 8 (eighth run) and 32 (ninth run), this head: the tuned 8-node tree, 1.58x and 1.37x plain
+# (chain:2 1.46x and 1.33x). The tuned trees suit this head alone (specc/assets/trees).
+SHIPPED_HEAD_TREES = {1: "tuned:64,6", 8: "tuned:8,3", 32: "tuned:8,3"}
 
 
 def default_draft_path() -> Path | None:
