@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--splits", default="", help="also time the split with these prefix chunk counts, e.g. 1,2,4")
     parser.add_argument("--out", default="attention_modes.json")
     args = parser.parse_args()
+    fixed_splits = [(f"split{n}", int(n), False) for n in args.splits.split(",") if n]
     device = torch.device("cuda")
     rows = []
     for shape, (n_heads, n_kv, head_dim) in SHAPES.items():
@@ -67,15 +68,13 @@ def main() -> None:
                     continue
                 cache_len = torch.tensor([context], device=device)
                 row = {"shape": shape, "nodes": steps, "context": context}
-                modes = [("default", None, False), ("fold", None, True), ("fused", 0, False)]
-                modes += [(f"split{n}", int(n), False) for n in args.splits.split(",") if n]
-                for mode, splits, fold in modes:
+                for mode, splits, fold in [("default", None, False), ("fold", None, True), ("fused", 0, False), *fixed_splits]:
                     row[f"{mode}_us"] = _time_per_call(lambda s=splits, f=fold: tree_attention_triton(
                         q, k_cache, v_cache, 0, cache_len, mask, head_dim**-0.5, out=out, num_splits=s, fold_merge=f))
                 rows.append(row)
                 print(f"{shape:13s} N={steps:3d} context={context:5d}  default (split) {row['default_us']:6.2f} µs  "
                       f"fold {row['fold_us']:6.2f} µs  fused {row['fused_us']:6.2f} µs"
-                      + "".join(f"  {m} {row[m + '_us']:6.2f} µs" for m, _, _ in modes[3:]), flush=True)
+                      + "".join(f"  {m} {row[m + '_us']:6.2f} µs" for m, _, _ in fixed_splits), flush=True)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "capacity": args.capacity, "rows": rows}
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=1)

@@ -115,7 +115,7 @@ def profile_engine(engine, steps: int) -> dict:
         sync()
     events = prof.events()
     rows = kernel_rows(events, steps, device_kernels=on_gpu)
-    timeline = step_timeline(events, steps) if on_gpu else []
+    timeline = step_timeline(events, steps)  # device kernels only: empty on a CPU
     return {
         "steps": steps,
         "cuda_graph": loop.step is not None,
@@ -137,25 +137,41 @@ def run(model, draft, prompt: list[int], trees: list[str], steps: int = 50, warm
     the cache's capacity (default: just enough), which sets tree attention's prefix chunk count,
     so pass what the benchmark being explained used (`specc bench spec`: 2,304 at 256 tokens)."""
     import specc
-    from specc.generate import _default_max_seq_len, tree_plan
+    from specc.generate import tree_plan
 
+    configurations = ["plain", *trees]
+    # every capacity is checked before the first compile, so a bad one fails at once
+    capacities = cache_capacities(prompt, configurations, steps, warm_tokens, max_seq_len)
     results = []
-    for tree in ["plain", *trees]:
+    for tree, capacity in zip(configurations, capacities):
         torch._dynamo.reset()
         plan = None if tree == "plain" else tree_plan(tree)
         backend = specc.backend() if plan is None else specc.backend(draft=draft, tree=tree)
         compiled = torch.compile(model, backend=backend)
-        # room for the warm decode and the profiled steps, each advancing up to depth + 1
-        needed = _default_max_seq_len([prompt], warm_tokens + steps + 2, plan)
-        if max_seq_len is not None and max_seq_len < needed:
-            raise ValueError(f"--max-seq-len {max_seq_len} is too small for this prompt, {warm_tokens} warm tokens "
-                             f"and {steps} steps of {tree}: give at least {needed}")
-        specc.generate(compiled, [prompt], max_new_tokens=warm_tokens, max_seq_len=max_seq_len or needed, compile=compile)
+        specc.generate(compiled, [prompt], max_new_tokens=warm_tokens, max_seq_len=capacity, compile=compile)
         (engine,) = compiled.__dict__["_specc_engines"].values()
         result = {"tree": tree, **profile_engine(engine, steps)}
         log(summary(result))
         results.append(result)
     return results
+
+
+def cache_capacities(prompt: list[int], configurations: list[str], steps: int, warm_tokens: int,
+                     max_seq_len: int | None) -> list[int]:
+    """Each configuration's cache capacity: `max_seq_len`, or just enough where it is None.
+    Raises a ValueError naming the configuration if `max_seq_len` leaves no room for the warm
+    decode and the profiled steps (each advancing up to depth + 1)."""
+    from specc.generate import _default_max_seq_len, tree_plan
+
+    capacities = []
+    for tree in configurations:
+        plan = None if tree == "plain" else tree_plan(tree)
+        needed = _default_max_seq_len([prompt], warm_tokens + steps + 2, plan)
+        if max_seq_len is not None and max_seq_len < needed:
+            raise ValueError(f"--max-seq-len {max_seq_len} is too small for this prompt, {warm_tokens} warm tokens "
+                             f"and {steps} steps of {tree}: give at least {needed}")
+        capacities.append(needed if max_seq_len is None else max_seq_len)
+    return capacities
 
 
 def summary(result: dict, top: int = 12) -> str:
@@ -249,10 +265,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     model, tokenizer, draft, dtype = load_model_and_head(args, args.dtype)
     prompt = load_prompts(tokenizer)[1][args.prompt]
     try:
-        results = run(model, draft, prompt, trees, args.steps, args.warm_tokens, compile=not args.no_compile,
-                      log=lambda text: print(text, flush=True), max_seq_len=args.max_seq_len)
+        cache_capacities(prompt, ["plain", *trees], args.steps, args.warm_tokens, args.max_seq_len)
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    results = run(model, draft, prompt, trees, args.steps, args.warm_tokens, compile=not args.no_compile,
+                  log=lambda text: print(text, flush=True), max_seq_len=args.max_seq_len)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"environment": environment(), "command": shlex.join(sys.argv),

@@ -114,11 +114,20 @@ def test_the_timeline_is_one_steps_kernels_in_launch_order():
     assert step_profile.step_timeline([cpu_op], steps=2) == []
 
 
-def test_a_capacity_too_small_for_the_profile_is_refused(profiled):
+def test_a_capacity_too_small_for_the_profile_is_refused_before_any_decode(monkeypatch):
+    import specc
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("a configuration was decoded before the capacities were checked")
+
+    monkeypatch.setattr(specc, "generate", no_decode)
     target = reference_llama(SMALL, seed=1)
-    with pytest.raises(ValueError, match="--max-seq-len 8 is too small .* give at least"):
-        step_profile.run(target, None, [3, 1, 4, 1, 5], [], steps=4, warm_tokens=4, compile=False,
-                         log=lambda text: None, max_seq_len=8)
+    # 256 positions hold the plain step's profile but not chain:3's: the tree's check fails
+    # before the plain step is decoded
+    with pytest.raises(ValueError, match="--max-seq-len 256 is too small .* of chain:3: give at least"):
+        step_profile.run(target, None, [3, 1, 4, 1, 5], ["chain:3"], steps=4, warm_tokens=230, compile=False,
+                         log=lambda text: None, max_seq_len=256)
+    assert step_profile.cache_capacities([3, 1, 4, 1, 5], ["plain", "chain:3"], 4, 4, 2304) == [2304, 2304]
 
 
 def _report(gpu: str, gemm_us: float) -> dict:
