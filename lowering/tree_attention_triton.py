@@ -324,6 +324,44 @@ def _choose_blocks(rows: int, head_dim: int, dtype: torch.dtype) -> tuple[int, i
     return block_m, 64, num_warps, 3
 
 
+def _decode_blocks(rows: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a split launch with 16-bit inputs.
+
+    A split launch is latency-bound: a decode step's few query rows over a few hundred keys.
+    Smaller row tiles give more, shorter programs, at the price of reading each K/V chunk once
+    per tile. Measured on an H200 (scripts/step_parts.py, batch 1, a cache of 2,304 and 8,320
+    positions): for D = 64 (SmolLM2), 16-row tiles beat the 128-row ones at every node count
+    from 7 to 64 and every context from 160 to 2,000, by 1.6 to 4 µs a call at 64 nodes; for
+    D = 128 (Llama-3-8B) at 64 nodes, 64-row tiles with 4 warps took 22 against 31 µs at
+    context 1,024 and 68 against 66 µs at 8,192, where 16-row tiles re-read K/V too often
+    (91 µs).
+    """
+    block_m = 16 if head_dim <= 64 else 64
+    return min(block_m, max(16, next_power_of_2(rows))), 64, 4, 3
+
+
+def _choose_launch(rows: int, heads_total: int, head_dim: int, dtype: torch.dtype, prefix_capacity: int,
+                   device: torch.device, num_splits: int | None) -> tuple[int, int, int, int, int]:
+    """Tiles and prefix chunk count of a launch: (BLOCK_M, BLOCK_N, num_warps, num_stages, splits).
+
+    `heads_total` is B * Hkv. With 16-bit inputs, a launch that splits on the grid of
+    `_decode_blocks`' tiles (or is told a count > 0) takes those tiles; otherwise (prefill,
+    large batches, fp32) it takes `_choose_blocks`' tiles, whose large row tiles read K/V the
+    fewest times, and the split count of their own grid.
+    """
+    if dtype != torch.float32:
+        blocks = _decode_blocks(rows, head_dim)
+        splits = num_splits
+        if splits is None:
+            splits = _num_splits(heads_total * -(-rows // blocks[0]), prefix_capacity, device)
+        if splits > 0:
+            return (*blocks, splits)
+    blocks = _choose_blocks(rows, head_dim, dtype)
+    if num_splits is None:
+        num_splits = _num_splits(heads_total * -(-rows // blocks[0]), prefix_capacity, device)
+    return (*blocks, num_splits)
+
+
 def _num_splits(programs: int, prefix_capacity: int, device: torch.device) -> int:
     """Prefix chunks per (row tile, sequence, KV head); 0 means no split (one pass per program).
 
@@ -382,6 +420,7 @@ def tree_attention_triton(
     num_splits: int | None = None,
     fold_merge: bool | None = None,
     min_chunk: int = _MIN_CHUNK,
+    blocks: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Two-pass tree attention on the GPU; same meaning as `tree_attention_reference`.
 
@@ -390,7 +429,8 @@ def tree_attention_triton(
     like q. `out` (same shape and dtype, any strides) receives the result instead of a new
     tensor (tests poison it); `num_splits` overrides the prefix chunk count (0: no split; tests).
     `fold_merge` (default: SPECC_ATTENTION_MERGE) merges a split in the tiles' last programs,
-    whose prefix chunks then hold at least `min_chunk` keys. Never syncs with the host.
+    whose prefix chunks then hold at least `min_chunk` keys. `blocks` (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) replaces the tile choice, for measurements. Never syncs with the host.
     """
     if q.dim() != 4 or k_cache.dim() != 5 or v_cache.shape != k_cache.shape:
         raise ValueError(
@@ -428,11 +468,16 @@ def tree_attention_triton(
 
     group = n_heads // n_kv
     rows = steps * group
-    block_m, block_n, num_warps, num_stages = _choose_blocks(rows, head_dim, q.dtype)
+    prefix_capacity = max(1, capacity - steps)
+    if blocks is not None:
+        block_m, block_n, num_warps, num_stages = blocks
+        if num_splits is None:
+            num_splits = _num_splits(batch * n_kv * -(-rows // block_m), prefix_capacity, q.device)
+    else:
+        block_m, block_n, num_warps, num_stages, num_splits = _choose_launch(
+            rows, batch * n_kv, head_dim, q.dtype, prefix_capacity, q.device, num_splits)
     num_row_tiles = -(-rows // block_m)
     programs = batch * n_kv * num_row_tiles
-    if num_splits is None:
-        num_splits = _num_splits(programs, max(1, capacity - steps), q.device)
     split_kv = num_splits > 0
     counters = None
     if split_kv and (fold_merge_default() if fold_merge is None else fold_merge):

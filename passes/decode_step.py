@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from specc.lowering.topk import DTYPES as TOPK_DTYPES
+
 from specc.passes.pipeline import TargetProgram, causal_mask
 
 
@@ -42,11 +44,24 @@ class Sampling:
         return self.temperature == 0.0
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dimension (the first index of the largest value, NaN above all).
+
+    On the GPU it is specc::topk with k = 1, which ranks exactly as argmax does: Inductor
+    reduces each vocabulary row in one program, specc::topk in chunks over many. Measured on an
+    H200 (scripts/step_parts.py, 49,152 bf16 logits): 10.4 against 5.9 µs for one row, 12.3
+    against 9.2 µs for 64.
+    """
+    if logits.is_cuda and logits.dtype in TOPK_DTYPES:
+        return torch.ops.specc.topk(logits, 1)[1][..., 0]
+    return logits.argmax(-1)
+
+
 def choose_tokens(logits: torch.Tensor, sampling: Sampling, seeds: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     """logits [B, V] -> tokens [B]; sampling draws from a counter-based generator keyed by
     (seed, counter), so a request's output does not depend on its batch position."""
     if sampling.greedy:
-        return logits.argmax(-1)
+        return greedy_tokens(logits)
     from specc.lowering.sampling import uniform
 
     probs = torch.ops.specc.shape_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)

@@ -19,8 +19,8 @@ Step, for a static tree of N nodes and depth D (parents list, node 0 the root):
   1. catch-up: the draft reads the P pending inputs; its output at the last real one is its
      guess of the root's feature, whose logits give the root's children.
   2. draft: level by level, each node's token is the k-th best of its parent's draft logits
-     (k its rank among siblings); D - 1 draft forwards over the tree's nodes with the
-     ancestor mask, each at position cache_len + depth - 1.
+     (k its rank among siblings); D - 1 draft forwards, the d-th over the nodes down to
+     level d, with the ancestor mask, each node at position cache_len + depth - 1.
   3. verify: the target program over the N nodes (positions cache_len + depth, tree mask).
   4. accept (specc::verify_greedy) and commit (specc::commit_kv) the accepted path's K/V.
 
@@ -56,7 +56,7 @@ import torch
 import specc.lowering  # noqa: F401  (registers the ops)
 from specc.lowering.sampling import gumbel_top_k
 from specc.lowering.tree import ancestor_mask, sibling_rank, tree_depth, validate_parents
-from specc.passes.decode_step import Sampling
+from specc.passes.decode_step import Sampling, greedy_tokens
 from specc.passes.pipeline import TargetProgram, causal_mask
 
 
@@ -92,6 +92,12 @@ class TreePlan:
     def slots(self) -> int:
         """Cache positions past cache_len that one step writes."""
         return self.size
+
+    @property
+    def level_ordered(self) -> bool:
+        """Nodes are numbered level by level (depth never decreases with the index), so the
+        nodes down to any level are an index prefix."""
+        return all(a <= b for a, b in zip(self.depth, self.depth[1:]))
 
     def children_needed(self, level: int) -> int:
         """How many top tokens of each level-`level` node's logits the tree uses."""
@@ -185,6 +191,7 @@ class StaticTreeConstants:
     level_rows: list[torch.Tensor]  # per level: node index - 1 (rows of the non-root hidden)
     parent_slot: list[torch.Tensor]  # per level: the parent's position in the previous level
     child_rank: list[torch.Tensor]
+    node_order: torch.Tensor  # per node: its place in the nodes listed level by level
 
     @classmethod
     def build(cls, plan: TreePlan, device) -> StaticTreeConstants:
@@ -200,12 +207,24 @@ class StaticTreeConstants:
             level_rows=[t([i - 1 for i in nodes]) for nodes in levels],
             parent_slot=[t([levels[d - 1].index(plan.parents[i]) for i in levels[d]]) if d else t([]) for d in range(len(levels))],
             child_rank=[t([plan.rank[i] for i in nodes]) for nodes in levels],
+            node_order=t(_level_order(levels)),
         )
+
+
+def _level_order(levels: Sequence[Sequence[int]]) -> list[int]:
+    """Each node's index in the nodes listed level by level (levels[0] first)."""
+    listed = [node for nodes in levels for node in nodes]
+    order = [0] * len(listed)
+    for place, node in enumerate(listed):
+        order[node] = place
+    return order
 
 
 def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token, root_hidden, cache_len, draft_k, draft_v,
                   sampling: Sampling | None = None, seeds=None, *, draft_decode: Callable):
-    """Each node's token is the rank-th best of its parent's draft logits; D - 1 draft forwards.
+    """Each node's token is the rank-th best of its parent's draft logits; D - 1 draft forwards,
+    the d-th over the non-root nodes down to level d when the nodes are numbered level by level
+    (TreePlan.level_ordered, as every tree specc builds is), else over all of them.
 
     With `sampling` (temperature > 0) a node's children are instead its parent's shaped draft
     distribution q's Gumbel-top-k draws (rank r: draw r + 1), keyed by (seeds, cache_len) and the
@@ -214,12 +233,12 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
     batch, device = root_token.shape[0], root_token.device
     n_nodes, depth_max = plan.size, plan.max_depth
     parents, depth, tree_mask = const.parents, const.depth, const.mask
-    tree_tokens = torch.zeros(batch, n_nodes, dtype=torch.int64, device=device)
-    tree_tokens[:, 0] = root_token
-    node_hidden = torch.zeros(batch, n_nodes, root_hidden.shape[-1], dtype=root_hidden.dtype, device=device)
-    node_hidden[:, 0] = root_hidden
+    # Tokens and features are gathered, never scattered into a buffer: Inductor then fuses the
+    # gathers into the draft forward's first kernel (a scatter would be a kernel of its own).
+    # level_tokens[d] holds level d's tokens; cat(level_tokens) lists the nodes level by level.
+    level_tokens = [root_token[:, None]]
     level_logits = draft.proposal_logits(root_hidden[:, None])  # [B, 1, K] (K = V without a draft vocabulary)
-    non_root_mask = tree_mask[1:, 1:].expand(batch, n_nodes - 1, n_nodes - 1)
+    hidden = None
     draft_probs = None
     if sampling is not None:
         draft_probs = torch.zeros(batch, n_nodes, draft.config.vocab_size, dtype=torch.float32, device=device)
@@ -233,15 +252,30 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
             # draws past q's support get a token of q = 0, which the verifier never accepts
             top = gumbel_top_k(q.log(), plan.children_needed(level - 1), seeds, cache_len, parents_here[None])[0]
         top = draft.proposal_tokens(top)
-        tree_tokens[:, const.level_nodes[level]] = top[:, const.parent_slot[level], const.child_rank[level]]
+        level_tokens.append(top[:, const.parent_slot[level], const.child_rank[level]])
         if level == depth_max:
             break
-        # every non-root node reads its parent's guessed feature; nodes deeper than this
-        # level compute garbage now and are recomputed once their parents are drafted
-        hidden = draft_decode(tree_tokens[:, 1:], node_hidden[:, parents[1:]],
-                              cache_len[:, None] + depth[None, 1:] - 1, cache_len, non_root_mask, draft_k, draft_v)
-        node_hidden[:, 1:] = hidden
+        # The draft forward runs the non-root nodes 1 .. n - 1: each reads its parent's guessed
+        # feature (the root's, or the previous forward's output, final for every node above
+        # this level). With the nodes numbered level by level, n is the count down to this
+        # level; otherwise every node runs, and those below this level compute garbage now and
+        # are recomputed once their parents are drafted.
+        if plan.level_ordered:
+            tokens = torch.cat(level_tokens, 1)
+        else:
+            unknown = [torch.zeros(batch, len(nodes), dtype=torch.int64, device=device) for nodes in plan.levels[level + 1:]]
+            tokens = torch.cat(level_tokens + unknown, 1)[:, const.node_order]
+        n = tokens.shape[1]
+        if hidden is None:
+            features = root_hidden[:, None].expand(batch, n - 1, root_hidden.shape[-1])
+        else:
+            features = torch.cat([root_hidden[:, None], hidden], 1)[:, parents[1:n]]
+        hidden = draft_decode(tokens[:, 1:], features, cache_len[:, None] + depth[None, 1:n] - 1, cache_len,
+                              tree_mask[1:n, 1:n].expand(batch, n - 1, n - 1), draft_k, draft_v)
         level_logits = draft.proposal_logits(hidden[:, const.level_rows[level]])
+    tree_tokens = torch.cat(level_tokens, 1)
+    if not plan.level_ordered:
+        tree_tokens = tree_tokens[:, const.node_order]
     return (tree_tokens, parents.expand(batch, n_nodes), depth.expand(batch, n_nodes),
             tree_mask.expand(batch, n_nodes, n_nodes), draft_probs)
 
@@ -382,7 +416,7 @@ def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree, 
                                                 tree_mask, k_cache, v_cache)
         if sampling is None:
             accept_len, path, out_tokens = torch.ops.specc.verify_greedy(
-                tree_tokens, parents, logits.argmax(-1), plan.max_depth)
+                tree_tokens, parents, greedy_tokens(logits), plan.max_depth)
         else:
             target_probs = torch.ops.specc.shape_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
             # "q_one" reads no draft probabilities: any [B, N, V] tensor fills the slot

@@ -25,7 +25,7 @@ around graph replays (median of `repeats`, after warm-up):
                  forward and top-k per level, as passes/speculative_step.py runs them.
   tree attention specc::tree_attention alone, one call per layer (each on its own layer of the
                  cache, as in the real forward, so the cache is not served from L2).
-  accept+commit  specc::verify_greedy on the target's argmax, specc::commit_kv and the
+  accept+commit  specc::verify_greedy on the target's argmax (greedy_tokens), specc::commit_kv and the
                  bookkeeping of step 4 of the speculative step.
   shares         for the default tree at each (B, C): drafting, tree attention, the rest of
                  verify, accept+commit, as fractions of their sum. The parts are separate graphs,
@@ -407,6 +407,7 @@ def accept_commit_callable(draft, plan, inputs: TreeInputs, verified: tuple, sta
     """Step 4 of the speculative step on a verify's outputs: argmax, specc::verify_greedy,
     specc::commit_kv, the draft's features of the accepted path and the pending buffers.
     cache_len is not advanced, so every replay does the same work."""
+    from specc.passes.decode_step import greedy_tokens
     from specc.passes.speculative_step import draft_features
 
     logits, final_hidden, *layers = verified
@@ -414,7 +415,7 @@ def accept_commit_callable(draft, plan, inputs: TreeInputs, verified: tuple, sta
     rows = torch.arange(batch, device=inputs.tokens.device)
 
     def accept_commit():
-        accept_len, path, out_tokens = torch.ops.specc.verify_greedy(inputs.tokens, inputs.parents, logits.argmax(-1),
+        accept_len, path, out_tokens = torch.ops.specc.verify_greedy(inputs.tokens, inputs.parents, greedy_tokens(logits),
                                                                      plan.max_depth)
         torch.ops.specc.commit_kv(k_cache, v_cache, inputs.cache_len, path, accept_len)
         features = draft_features(draft, final_hidden, layers)

@@ -127,7 +127,7 @@ def test_the_folded_merge_equals_the_reference_and_leaves_its_counters_at_zero(c
     source = kernel_source(head_dim=case["head_dim"], gqa_group=case["group"],
                            dtype="float32" if case["dtype"] == torch.float32 else "float16",
                            block_m=16 if case["dtype"] == torch.float32 else
-                           min(128, max(16, 1 << (len(case["parents"][0]) * case["group"] - 1).bit_length())),
+                           module._decode_blocks(len(case["parents"][0]) * case["group"], case["head_dim"])[0],
                            block_n=64, split_kv=True, fold_merge=True)
     assert source in generated_sources().values()
 
@@ -149,8 +149,9 @@ def test_tree_attention_kernel_equals_sdpa_with_dense_mask(case):
 
 @interpreted
 def test_tree_attention_kernel_prefill_tiles_the_queries():
-    # Prefill is the chain tree: T spans several query tiles (fp16: BLOCK_M = 128 rows = 42
-    # tokens of a group of 3; fp32: 16 rows), so the causal key skipping of every tile counts.
+    # Prefill is the chain tree: T spans several query tiles (fp16 unsplit: BLOCK_M = 128 rows =
+    # 42 tokens of a group of 3; fp16 split and fp32: 16 rows), so the causal key skipping of
+    # every tile counts.
     # Sequence 0 starts empty; sequence 1 is a chunked prefill after 37 cached tokens.
     steps, n_kv, group, head_dim = 100, 1, 3, 16
     for dtype in (torch.float16, torch.float32):
@@ -217,6 +218,27 @@ def test_kernel_output_is_laid_out_like_q_and_listed_in_generated_sources():
         source = kernel_source(head_dim=24, gqa_group=2, dtype="float32", block_m=16, block_n=64, split_kv=split_kv)
         assert source in generated_sources().values()
     assert all(key.startswith("tree_attention_") for key in generated_sources())
+
+
+def test_split_launches_take_the_decode_tiles_and_unsplit_ones_the_large_tiles(monkeypatch):
+    from specc.lowering import tree_attention_triton as module
+
+    monkeypatch.setattr(module, "_sm_count", lambda index: 132)  # an H200's SMs; nothing runs
+    gpu, bf16 = torch.device("cuda", 0), torch.bfloat16
+    # a 64-node verify of SmolLM2 (Hkv 3, group 3, D 64): 12 tiles of 16 rows, 36 programs, so
+    # 8 prefix chunks (about 2 programs per SM) of a 2,240-key capacity
+    assert module._choose_launch(64 * 3, 3, 64, bf16, 2240, gpu, None) == (16, 64, 4, 3, 8)
+    # Llama-3-8B's D = 128: 64-row tiles (16-row ones read K/V too often at long contexts)
+    assert module._choose_launch(64 * 4, 8, 128, bf16, 8256, gpu, None) == (64, 64, 4, 3, 9)
+    # plain decode, one token: the tile is the 16 rows it always was
+    assert module._choose_launch(3, 3, 64, bf16, 2303, gpu, None)[:4] == (16, 64, 4, 3)
+    # a count given by the caller: > 0 takes the decode tiles, 0 (fused) the large ones
+    assert module._choose_launch(192, 3, 64, bf16, 2240, gpu, 4) == (16, 64, 4, 3, 4)
+    assert module._choose_launch(192, 3, 64, bf16, 2240, gpu, 0) == (*module._choose_blocks(192, 64, bf16), 0)
+    # a prefill of 2,048 tokens at batch 4 fills the GPU with large tiles alone: no split
+    assert module._choose_launch(2048 * 3, 4 * 3, 64, bf16, 4096, gpu, None) == (*module._choose_blocks(6144, 64, bf16), 0)
+    # fp32 (the exact mode) keeps its 16 x 64 tiles whatever the split
+    assert module._choose_launch(192, 3, 64, torch.float32, 2240, gpu, None)[:4] == module._choose_blocks(192, 64, torch.float32)
 
 
 def test_kernel_source_is_deterministic_and_specialised():

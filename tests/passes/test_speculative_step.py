@@ -68,8 +68,9 @@ def test_spec_greedy_equals_plain_on_hf_model_with_named_trees(tree):
 
 
 @pytest.mark.parametrize("tree", [static_tree("chain", depth=5), static_tree("eagle"), static_tree("full", depth=3, branching=3),
+                                  [-1, 0, 1, 2, 0, 4, 1, 0],
                                   DynamicTree(top_k=4, depth=5, size=24), DynamicTree(top_k=8, depth=8, size=64)],
-                         ids=["chain5", "eagle", "full3x3", "dynamic4x5", "dynamic8x8"])
+                         ids=["chain5", "eagle", "full3x3", "numbered-depth-first", "dynamic4x5", "dynamic8x8"])
 def test_oracle_draft_accepts_a_full_path_every_step(tree):
     target = reference_llama(SMALL, seed=2)
     batch_prompts = [[7, 7, 1], [2, 4, 8, 16, 32]]
@@ -154,3 +155,61 @@ def test_a_draft_vocabulary_narrower_than_the_tree_is_refused_with_what_to_chang
     compiled = torch.compile(target, backend=specc.backend(draft=draft, tree=[-1, 0, 0, 0]))
     with pytest.raises(ValueError, match="proposes from 2 tokens but the tree gives a node 3 children"):
         specc.generate(compiled, [[1, 2, 3]], max_new_tokens=4, compile=False)
+
+
+def test_level_numbered_trees_draft_over_the_nodes_down_to_each_level_and_get_the_same_tree(monkeypatch):
+    """A tree numbered level by level drafts level d over nodes 1 .. (nodes down to level d);
+    any other numbering runs every node each level. Both must draft the same tokens: each
+    node's feature is its parent's output either way, and its ancestors' K/V the same."""
+    from specc.passes.speculative_step import StaticTreeConstants, _draft_static, decoder
+
+    target = reference_llama(SMALL, seed=4)
+    draft = _random_draft(target, SMALL, "eagle3", 6)
+    plan = TreePlan.from_parents(static_tree("eagle"))
+    assert plan.level_ordered and not TreePlan.from_parents([-1, 0, 1, 0]).level_ordered
+    constants = StaticTreeConstants.build(plan, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    batch, context = 2, 9
+    root_token = torch.tensor([5, 17])
+    root_hidden = torch.randn(batch, SMALL.hidden_size, generator=gen)
+    cache_len = torch.tensor([context, context - 3])
+    draft_k, draft_v = (torch.randn(1, batch, SMALL.num_key_value_heads, 64, SMALL.head_dim, generator=gen) for _ in range(2))
+    calls = []
+
+    def node_by_node():
+        # the definition: a node's token is the rank-th best of its parent's draft logits, and
+        # its feature the parent's draft output, with every node re-run after each level
+        tokens = torch.zeros(batch, plan.size, dtype=torch.int64)
+        tokens[:, 0] = root_token
+        node_hidden = torch.zeros(batch, plan.size, SMALL.hidden_size)
+        node_hidden[:, 0] = root_hidden
+        parents, depth = torch.tensor(plan.parents), torch.tensor(plan.depth)
+        mask = plan.ancestor_mask()[1:, 1:].expand(batch, plan.size - 1, plan.size - 1)
+        cache = (draft_k.clone(), draft_v.clone())
+        with torch.no_grad():
+            for level in range(1, plan.max_depth + 1):
+                for node in plan.levels[level]:
+                    ranked = draft.proposal_logits(node_hidden[:, plan.parents[node]]).sort(dim=-1, descending=True, stable=True)[1]
+                    tokens[:, node] = draft.proposal_tokens(ranked[:, plan.rank[node]])
+                node_hidden[:, 1:] = draft.decode(tokens[:, 1:], node_hidden[:, parents[1:]],
+                                                  cache_len[:, None] + depth[None, 1:] - 1, cache_len, mask, *cache)
+        return tokens
+
+    def recording_decode(tokens, *args):
+        calls.append(tokens.shape[1])
+        return draft.decode(tokens, *args)
+
+    def drafted():
+        with torch.no_grad():
+            return _draft_static(draft, plan, constants, root_token, root_hidden, cache_len, draft_k.clone(),
+                                 draft_v.clone(), draft_decode=recording_decode)[0]
+
+    by_level = drafted()
+    assert torch.equal(by_level, node_by_node())
+    down_to = [sum(len(nodes) for nodes in plan.levels[1:d + 1]) for d in range(1, plan.max_depth)]
+    assert calls == down_to and calls[-1] < plan.size - 1
+    calls.clear()
+    monkeypatch.setattr(TreePlan, "level_ordered", property(lambda self: False))
+    every_node = drafted()
+    assert calls == [plan.size - 1] * (plan.max_depth - 1)
+    assert torch.equal(by_level, every_node)
