@@ -147,6 +147,14 @@ def draft_features(draft, final_hidden: torch.Tensor, layer_outputs: Sequence[to
     return final_hidden
 
 
+def path_features(draft, final_hidden: torch.Tensor, layer_outputs: Sequence[torch.Tensor],
+                  path: torch.Tensor) -> torch.Tensor:
+    """draft_features of the tree nodes on `path` [B, P] only, [B, P, H]: the rows are gathered
+    first, so EAGLE-3's feature fusion (a GEMM) runs on P rows instead of the tree's N."""
+    rows = torch.arange(path.shape[0], device=path.device)[:, None]
+    return draft_features(draft, final_hidden[rows, path], [layer[rows, path] for layer in layer_outputs])
+
+
 def decoder(draft, stacked=None) -> Callable:
     """The draft's decode, with its stacked projections when given (drafts without them, such
     as the tests' oracle, take the plain signature)."""
@@ -426,8 +434,7 @@ def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree, 
 
         # 4. commit: the accepted path's K/V moves to cache_len + j, the root included
         torch.ops.specc.commit_kv(k_cache, v_cache, cache_len, path, accept_len)
-        features = draft_features(draft, final_hidden, layers)
-        pending_feats.copy_(features[rows[:, None], path].to(pending_feats.dtype))
+        pending_feats.copy_(path_features(draft, final_hidden, layers, path).to(pending_feats.dtype))
         pending_tokens.copy_(out_tokens.clamp_min(0))
         pending_count.copy_(accept_len + 1)
         tokens.copy_(out_tokens[rows, accept_len][:, None])

@@ -5,8 +5,8 @@ and what verifying N tree nodes adds: tree attention over N queries, the LM head
 over N rows. This times, at SmolLM2-135M's shapes, batch 1, bf16, a cache of `--capacity`:
 
   attention  specc::tree_attention per call for N query tokens at several contexts, with the
-             default tiles and with others (BLOCK_M, num_warps), prefix chunk counts and
-             least keys per chunk (SmolLM2's heads, and Llama-3-8B's at its longer contexts);
+             default tiles and with others (BLOCK_M, num_warps) and prefix chunk counts
+             (SmolLM2's heads, and Llama-3-8B's at its longer contexts);
   draft      one compiled draft forward (EAGLE-3, random weights) over T new tokens, for the
              T a level-by-level draft would run against the 63 every level runs now;
   argmax     the verify's argmax over N rows of the vocabulary, compiled, against
@@ -52,8 +52,8 @@ def _per_call_us(fn, calls: int = 50, replays: int = 20) -> float:
 
 TILES = {"default": None, "m64w4": (64, 64, 4, 3), "m32w4": (32, 64, 4, 3), "m32w2": (32, 64, 2, 3),
          "m16w4": (16, 64, 4, 3), "m16w2": (16, 64, 2, 3)}
-# (prefix chunks, least keys per chunk): None chunks is the capacity's rule, 0 keys no floor
-SPLITS = {"auto": (None, 0), "4": (4, 0), "6": (6, 0), "auto/min128": (None, 128), "auto/min192": (None, 192)}
+# prefix chunks: None is tree_attention_triton's own rule
+SPLITS = {"auto": None, "4": 4, "6": 6}
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama3-8b": (32, 8, 128)}
 
 
@@ -73,10 +73,9 @@ def attention_rows(shape: str, capacity: int, nodes: list[int], contexts: list[i
             cache_len = torch.tensor([context], device=device)
             row = {"shape": shape, "capacity": capacity, "nodes": steps, "context": context}
             for tile, blocks in TILES.items():
-                for split, (chunks, least) in SPLITS.items():
-                    row[f"{tile}|{split}"] = _per_call_us(lambda b=blocks, s=chunks, m=least: tree_attention_triton(
-                        q, k_cache, v_cache, 0, cache_len, mask, head_dim**-0.5, out=out, num_splits=s, blocks=b,
-                        min_chunk=m))
+                for split, chunks in SPLITS.items():
+                    row[f"{tile}|{split}"] = _per_call_us(lambda b=blocks, s=chunks: tree_attention_triton(
+                        q, k_cache, v_cache, 0, cache_len, mask, head_dim**-0.5, out=out, num_splits=s, blocks=b))
             rows.append(row)
             timed = {k: v for k, v in row.items() if "|" in k}
             best = min(timed, key=timed.get)

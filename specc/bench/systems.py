@@ -408,7 +408,7 @@ def accept_commit_callable(draft, plan, inputs: TreeInputs, verified: tuple, sta
     specc::commit_kv, the draft's features of the accepted path and the pending buffers.
     cache_len is not advanced, so every replay does the same work."""
     from specc.passes.decode_step import greedy_tokens
-    from specc.passes.speculative_step import draft_features
+    from specc.passes.speculative_step import path_features
 
     logits, final_hidden, *layers = verified
     batch = inputs.tokens.shape[0]
@@ -418,8 +418,7 @@ def accept_commit_callable(draft, plan, inputs: TreeInputs, verified: tuple, sta
         accept_len, path, out_tokens = torch.ops.specc.verify_greedy(inputs.tokens, inputs.parents, greedy_tokens(logits),
                                                                      plan.max_depth)
         torch.ops.specc.commit_kv(k_cache, v_cache, inputs.cache_len, path, accept_len)
-        features = draft_features(draft, final_hidden, layers)
-        state.pending_feats.copy_(features[rows[:, None], path].to(state.pending_feats.dtype))
+        state.pending_feats.copy_(path_features(draft, final_hidden, layers, path).to(state.pending_feats.dtype))
         state.pending_tokens.copy_(out_tokens.clamp_min(0))
         state.pending_count.copy_(accept_len + 1)
         state.tokens.copy_(out_tokens[rows, accept_len][:, None])
