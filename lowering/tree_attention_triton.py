@@ -331,7 +331,7 @@ def _decode_blocks(rows: int, head_dim: int) -> tuple[int, int, int, int]:
     Smaller row tiles give more, shorter programs, at the price of reading each K/V chunk once
     per tile. Measured on an H200 (scripts/step_parts.py, batch 1, a cache of 2,304 and 8,320
     positions): for D = 64 (SmolLM2), 16-row tiles beat the 128-row ones at every node count
-    from 7 to 64 and every context from 160 to 2,000, by 1.6 to 4 µs a call at 64 nodes; for
+    from 7 to 64 and every context from 160 to 2,000, by 1.6 to 3.7 µs a call at 64 nodes; for
     D = 128 (Llama-3-8B) at 64 nodes, 64-row tiles with 4 warps took 22 against 31 µs at
     context 1,024 and 68 against 66 µs at 8,192, where 16-row tiles re-read K/V too often
     (91 µs).

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from specc.lowering.topk import DTYPES as TOPK_DTYPES
-
 from specc.passes.pipeline import TargetProgram, causal_mask
 
 

@@ -17,32 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
+from specc.bench.common import graph_us_per_call
 from specc.lowering.tree_attention_triton import tree_attention_triton
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama3-8b": (32, 8, 128)}
-
-
-def _time_per_call(fn, calls: int = 50, replays: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    samples = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -69,7 +50,7 @@ def main() -> None:
                 cache_len = torch.tensor([context], device=device)
                 row = {"shape": shape, "nodes": steps, "context": context}
                 for mode, splits, fold in [("default", None, False), ("fold", None, True), ("fused", 0, False), *fixed_splits]:
-                    row[f"{mode}_us"] = _time_per_call(lambda s=splits, f=fold: tree_attention_triton(
+                    row[f"{mode}_us"] = graph_us_per_call(lambda s=splits, f=fold: tree_attention_triton(
                         q, k_cache, v_cache, 0, cache_len, mask, head_dim**-0.5, out=out, num_splits=s, fold_merge=f))
                 rows.append(row)
                 print(f"{shape:13s} N={steps:3d} context={context:5d}  default (split) {row['default_us']:6.2f} µs  "

@@ -22,32 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
 import specc.lowering  # noqa: F401  (registers the ops)
+from specc.bench.common import graph_us_per_call
 from specc.bench.systems import build_random_draft, build_random_model, shapes_config, time_ms
 from specc.lowering.tree_attention_triton import tree_attention_triton
-
-
-def _per_call_us(fn, calls: int = 50, replays: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    samples = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(samples)
 
 
 TILES = {"default": None, "m64w4": (64, 64, 4, 3), "m32w4": (32, 64, 4, 3), "m32w2": (32, 64, 2, 3),
@@ -74,7 +55,7 @@ def attention_rows(shape: str, capacity: int, nodes: list[int], contexts: list[i
             row = {"shape": shape, "capacity": capacity, "nodes": steps, "context": context}
             for tile, blocks in TILES.items():
                 for split, chunks in SPLITS.items():
-                    row[f"{tile}|{split}"] = _per_call_us(lambda b=blocks, s=chunks: tree_attention_triton(
+                    row[f"{tile}|{split}"] = graph_us_per_call(lambda b=blocks, s=chunks: tree_attention_triton(
                         q, k_cache, v_cache, 0, cache_len, mask, head_dim**-0.5, out=out, num_splits=s, blocks=b))
             rows.append(row)
             timed = {k: v for k, v in row.items() if "|" in k}

@@ -1,4 +1,4 @@
-"""What every benchmark needs: prompt sets, the machine's description, a bandwidth ceiling."""
+"""What every benchmark needs: prompt sets, the machine's description, a bandwidth ceiling, a per-call GPU timer."""
 
 from __future__ import annotations
 
@@ -79,6 +79,27 @@ def copy_bandwidth(gigabytes: float = 2.0, repeats: int = 20) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def graph_us_per_call(fn, calls: int = 50, replays: int = 20) -> float:
+    """µs per call of `fn`: `calls` back-to-back calls captured in one CUDA graph, the median of
+    `replays` replays (a kernel of a few µs, timed alone, would measure the events' overhead)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    samples = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(samples)
 
 
 def unique_parameter_bytes(model: torch.nn.Module) -> int:
