@@ -341,14 +341,20 @@ def _decode_blocks(rows: int, head_dim: int) -> tuple[int, int, int, int]:
 
 
 def _choose_launch(rows: int, heads_total: int, head_dim: int, dtype: torch.dtype, prefix_capacity: int,
-                   device: torch.device, num_splits: int | None) -> tuple[int, int, int, int, int]:
+                   device: torch.device, num_splits: int | None,
+                   blocks: tuple[int, int, int, int] | None = None) -> tuple[int, int, int, int, int]:
     """Tiles and prefix chunk count of a launch: (BLOCK_M, BLOCK_N, num_warps, num_stages, splits).
 
     `heads_total` is B * Hkv. With 16-bit inputs, a launch that splits on the grid of
     `_decode_blocks`' tiles (or is told a count > 0) takes those tiles; otherwise (prefill,
     large batches, fp32) it takes `_choose_blocks`' tiles, whose large row tiles read K/V the
-    fewest times, and the split count of their own grid.
+    fewest times, and the split count of their own grid. `blocks` given: those tiles, and the
+    split count of their grid unless `num_splits` is given.
     """
+    if blocks is not None:
+        if num_splits is None:
+            num_splits = _num_splits(heads_total * -(-rows // blocks[0]), prefix_capacity, device)
+        return (*blocks, num_splits)
     if dtype != torch.float32:
         blocks = _decode_blocks(rows, head_dim)
         splits = num_splits
@@ -468,14 +474,8 @@ def tree_attention_triton(
 
     group = n_heads // n_kv
     rows = steps * group
-    prefix_capacity = max(1, capacity - steps)
-    if blocks is not None:
-        block_m, block_n, num_warps, num_stages = blocks
-        if num_splits is None:
-            num_splits = _num_splits(batch * n_kv * -(-rows // block_m), prefix_capacity, q.device)
-    else:
-        block_m, block_n, num_warps, num_stages, num_splits = _choose_launch(
-            rows, batch * n_kv, head_dim, q.dtype, prefix_capacity, q.device, num_splits)
+    block_m, block_n, num_warps, num_stages, num_splits = _choose_launch(
+        rows, batch * n_kv, head_dim, q.dtype, max(1, capacity - steps), q.device, num_splits, blocks)
     num_row_tiles = -(-rows // block_m)
     programs = batch * n_kv * num_row_tiles
     split_kv = num_splits > 0
