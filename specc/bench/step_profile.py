@@ -84,6 +84,26 @@ def step_timeline(events, steps: int) -> list[dict]:
              "us": e.time_range.elapsed_us()} for e in kernels[:per_step]]
 
 
+def draft_verify_split(timeline: list[dict], n_layers: int) -> dict | None:
+    """A speculative step's timeline cut into the draft (catch-up and levels) and the rest
+    (verify, accept, commit), or None where there is no draft (plain step, no timeline).
+
+    The target's forward runs one tree attention per layer, the draft one per forward before
+    it; the draft ends with its last top-k (`topk_merge_kernel`) before the verify's first tree
+    attention. Each phase's span runs from its first kernel's start to the next phase's."""
+    attention = [i for i, kernel in enumerate(timeline) if kernel["name"] == "tree_attention_kernel"]
+    if len(attention) <= n_layers:
+        return None
+    verify_attention = attention[len(attention) - n_layers]
+    top_k = [i for i in range(verify_attention) if timeline[i]["name"] == "topk_merge_kernel"]
+    if not top_k:
+        return None
+    end = top_k[-1] + 1  # the verify's first kernel
+    span = timeline[-1]["start_us"] + timeline[-1]["us"]
+    return {"draft_kernels": end, "draft_us": timeline[end]["start_us"],
+            "verify_kernels": len(timeline) - end, "verify_us": span - timeline[end]["start_us"]}
+
+
 def by_kind(rows: list[dict]) -> dict[str, dict]:
     kinds: dict[str, dict] = {}
     for row in rows:
@@ -94,9 +114,10 @@ def by_kind(rows: list[dict]) -> dict[str, dict]:
     return kinds
 
 
-def profile_engine(engine, steps: int) -> dict:
+def profile_engine(engine, steps: int, n_layers: int | None = None) -> dict:
     """Profile `steps` steps of a built engine (replays of its CUDA graph, or eager steps): the
-    steps continue the engine's last decode, so its cache must have room for them."""
+    steps continue the engine's last decode, so its cache must have room for them. `n_layers`
+    (the target's) splits a speculative step into draft and verify (`draft_verify_split`)."""
     from torch.profiler import ProfilerActivity, profile
 
     loop = engine.loop
@@ -126,6 +147,7 @@ def profile_engine(engine, steps: int) -> dict:
         "kernels": rows,
         # first kernel's start to last kernel's end of one step: kernel time plus the gaps
         "span_us": timeline[-1]["start_us"] + timeline[-1]["us"] if timeline else None,
+        "phases": draft_verify_split(timeline, n_layers) if n_layers else None,
         "timeline": timeline,
     }
 
@@ -150,7 +172,7 @@ def run(model, draft, prompt: list[int], trees: list[str], steps: int = 50, warm
         compiled = torch.compile(model, backend=backend)
         specc.generate(compiled, [prompt], max_new_tokens=warm_tokens, max_seq_len=capacity, compile=compile)
         (engine,) = compiled.__dict__["_specc_engines"].values()
-        result = {"tree": tree, **profile_engine(engine, steps)}
+        result = {"tree": tree, **profile_engine(engine, steps, model.config.num_hidden_layers)}
         log(summary(result))
         results.append(result)
     return results
@@ -180,6 +202,10 @@ def summary(result: dict, top: int = 12) -> str:
     lines = [f"--- {result['tree']}: {result['kernels_per_step']:.0f} kernels per step, "
              f"{result['us_per_step']:.0f} {unit} per step ({result['timing']}"
              f"{', CUDA graph' if result['cuda_graph'] else ''}){span}"]
+    phases = result.get("phases")
+    if phases:
+        lines.append(f"  draft {phases['draft_kernels']} kernels {phases['draft_us']:.0f} {unit}, verify/accept/commit "
+                     f"{phases['verify_kernels']} kernels {phases['verify_us']:.0f} {unit} (first to last kernel)")
     lines.append("  by kind: " + ", ".join(f"{kind} {v['kernels_per_step']:.0f} kernels {v['us_per_step']:.0f} {unit} "
                                            f"({v['share']:.0%})" for kind, v in result["by_kind"].items()))
     for row in result["kernels"][:top]:

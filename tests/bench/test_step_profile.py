@@ -114,6 +114,24 @@ def test_the_timeline_is_one_steps_kernels_in_launch_order():
     assert step_profile.step_timeline([cpu_op], steps=2) == []
 
 
+def test_a_speculative_timeline_splits_into_draft_and_verify_where_the_targets_layers_begin():
+    # a 2-layer target: catch-up and one draft level (one tree attention each, a top-k after
+    # each), then the verify's 2 layers and its argmax, itself a top-k
+    names = ["embed", "tree_attention_kernel", "topk_chunks_kernel", "topk_merge_kernel",
+             "gather", "tree_attention_kernel", "topk_chunks_kernel", "topk_merge_kernel",
+             "embed", "tree_attention_kernel", "tree_attention_kernel", "topk_chunks_kernel", "topk_merge_kernel",
+             "verify_greedy_kernel"]
+    timeline = [{"name": name, "start_us": 10.0 * i, "us": 4.0} for i, name in enumerate(names)]
+    split = step_profile.draft_verify_split(timeline, n_layers=2)
+    assert split == {"draft_kernels": 8, "draft_us": 80.0, "verify_kernels": 6, "verify_us": 54.0}
+    # a plain step (one attention per layer) and a draft-less timeline have no split
+    assert step_profile.draft_verify_split(timeline[8:], n_layers=2) is None
+    assert step_profile.draft_verify_split([], n_layers=2) is None
+    text = step_profile.summary({"tree": "t", "kernels_per_step": 14, "us_per_step": 56, "timing": "x", "cuda_graph": True,
+                                 "span_us": 134, "phases": split, "by_kind": {}, "kernels": []})
+    assert "draft 8 kernels 80 µs, verify/accept/commit 6 kernels 54 µs" in text
+
+
 def test_a_capacity_too_small_for_the_profile_is_refused_before_any_decode(monkeypatch):
     import specc
 
