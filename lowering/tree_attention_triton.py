@@ -351,21 +351,19 @@ def _choose_launch(rows: int, heads_total: int, head_dim: int, dtype: torch.dtyp
     fewest times, and the split count of their own grid. `blocks` given: those tiles, and the
     split count of their grid unless `num_splits` is given.
     """
-    if blocks is not None:
-        if num_splits is None:
-            num_splits = _num_splits(heads_total * -(-rows // blocks[0]), prefix_capacity, device)
-        return (*blocks, num_splits)
-    if dtype != torch.float32:
-        blocks = _decode_blocks(rows, head_dim)
+    def launch(tiles: tuple[int, int, int, int]) -> tuple[int, int, int, int, int]:
         splits = num_splits
         if splits is None:
-            splits = _num_splits(heads_total * -(-rows // blocks[0]), prefix_capacity, device)
-        if splits > 0:
-            return (*blocks, splits)
-    blocks = _choose_blocks(rows, head_dim, dtype)
-    if num_splits is None:
-        num_splits = _num_splits(heads_total * -(-rows // blocks[0]), prefix_capacity, device)
-    return (*blocks, num_splits)
+            splits = _num_splits(heads_total * -(-rows // tiles[0]), prefix_capacity, device)
+        return (*tiles, splits)
+
+    if blocks is not None:
+        return launch(blocks)
+    if dtype != torch.float32:
+        decode = launch(_decode_blocks(rows, head_dim))
+        if decode[4] > 0:
+            return decode
+    return launch(_choose_blocks(rows, head_dim, dtype))
 
 
 def _num_splits(programs: int, prefix_capacity: int, device: torch.device) -> int:

@@ -245,6 +245,15 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
     # gathers into the draft forward's first kernel (a scatter would be a kernel of its own).
     # level_tokens[d] holds level d's tokens; cat(level_tokens) lists the nodes level by level.
     level_tokens = [root_token[:, None]]
+
+    def tokens_down_to(level: int) -> torch.Tensor:
+        # level-ordered trees: the nodes down to `level`; others: every node in node order,
+        # those below `level` (not yet drafted) 0
+        if plan.level_ordered:
+            return torch.cat(level_tokens, 1)
+        unknown = [torch.zeros(batch, len(nodes), dtype=torch.int64, device=device) for nodes in plan.levels[level + 1:]]
+        return torch.cat(level_tokens + unknown, 1)[:, const.node_order]
+
     level_logits = draft.proposal_logits(root_hidden[:, None])  # [B, 1, K] (K = V without a draft vocabulary)
     hidden = None
     draft_probs = None
@@ -268,11 +277,7 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
         # this level). With the nodes numbered level by level, n is the count down to this
         # level; otherwise every node runs, and those below this level compute garbage now and
         # are recomputed once their parents are drafted.
-        if plan.level_ordered:
-            tokens = torch.cat(level_tokens, 1)
-        else:
-            unknown = [torch.zeros(batch, len(nodes), dtype=torch.int64, device=device) for nodes in plan.levels[level + 1:]]
-            tokens = torch.cat(level_tokens + unknown, 1)[:, const.node_order]
+        tokens = tokens_down_to(level)
         n = tokens.shape[1]
         if hidden is None:
             features = root_hidden[:, None].expand(batch, n - 1, root_hidden.shape[-1])
@@ -281,10 +286,7 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
         hidden = draft_decode(tokens[:, 1:], features, cache_len[:, None] + depth[None, 1:n] - 1, cache_len,
                               tree_mask[1:n, 1:n].expand(batch, n - 1, n - 1), draft_k, draft_v)
         level_logits = draft.proposal_logits(hidden[:, const.level_rows[level]])
-    tree_tokens = torch.cat(level_tokens, 1)
-    if not plan.level_ordered:
-        tree_tokens = tree_tokens[:, const.node_order]
-    return (tree_tokens, parents.expand(batch, n_nodes), depth.expand(batch, n_nodes),
+    return (tokens_down_to(depth_max), parents.expand(batch, n_nodes), depth.expand(batch, n_nodes),
             tree_mask.expand(batch, n_nodes, n_nodes), draft_probs)
 
 

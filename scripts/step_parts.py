@@ -8,7 +8,7 @@ over N rows. This times, at SmolLM2-135M's shapes, batch 1, bf16, a cache of `--
              default tiles and with others (BLOCK_M, num_warps) and prefix chunk counts
              (SmolLM2's heads, and Llama-3-8B's at its longer contexts);
   draft      one compiled draft forward (EAGLE-3, random weights) over T new tokens, for the
-             T a level-by-level draft would run against the 63 every level runs now;
+             T a draft level may run (all 63 non-root nodes of a 64-node tree, or fewer);
   argmax     the verify's argmax over N rows of the vocabulary, compiled, against
              specc::topk with k = 1.
 
