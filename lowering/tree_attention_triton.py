@@ -38,6 +38,7 @@ so that fp32 stays tight against the reference.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -65,7 +66,6 @@ BLOCK_M = tl.constexpr($block_m)  # query rows (token, head-of-group pairs) per 
 BLOCK_N = tl.constexpr($block_n)  # keys per step
 SPLIT_KV = tl.constexpr($split_kv)  # partial results + merge (True) or final output (False)
 FOLD_MERGE = tl.constexpr($fold_merge)  # SPLIT_KV: the tile's last program merges (no merge launch)
-MERGE_ROWS = tl.constexpr($merge_rows)  # query rows per merge program
 DOT_PRECISION = tl.constexpr("$dot_precision")  # "ieee" for fp32 inputs: no tf32 rounding
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -236,13 +236,17 @@ def tree_attention_merge_kernel(
     o_part_ptr, lse_part_ptr,  # as written by tree_attention_kernel with SPLIT_KV
     out_ptr,  # [B, Hq, T, D] in q's dtype
     steps, n_heads, n_rows,  # T, Hq, B * Hq * T
-    num_parts,  # num_splits + 1
     stride_ps, stride_pb, stride_ph, stride_pt,
     stride_ls, stride_lb, stride_lh,
     stride_ob, stride_oh, stride_ot, stride_od,
+    NUM_PARTS: tl.constexpr,  # num_splits + 1
+    ROWS: tl.constexpr,  # rows per program
 ):
-    # One row = one (b, query head, token), merged as _merge_partials says.
-    rows = tl.program_id(0) * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
+    # One row = one (b, query head, token), merged as _merge_partials says, with the loop over
+    # the parts unrolled and every part's partial loaded up front: the merge of a decode step
+    # reads a few KB, so its time is memory latency, one round of it here instead of one per
+    # part (twice) in a loop whose loads wait for the previous iteration's.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     token = rows % steps
     head = (rows // steps) % n_heads
@@ -251,7 +255,21 @@ def tree_attention_merge_kernel(
     d_ok = d < HEAD_DIM
     lse_rows = lse_part_ptr + b * stride_lb + head * stride_lh + token
     o_rows = o_part_ptr + b[:, None] * stride_pb + head[:, None] * stride_ph + token[:, None] * stride_pt + d[None, :]
-    out = _merge_partials(lse_rows, o_rows, row_ok, d_ok, num_parts, stride_ls, stride_ps, MERGE_ROWS, "")
+    lse_max = tl.full([ROWS], NEG_INF, dtype=tl.float32)
+    for s in tl.static_range(NUM_PARTS):
+        lse_max = tl.maximum(lse_max, tl.load(lse_rows + s * stride_ls, mask=row_ok, other=NEG_INF))
+    lse_max = tl.where(lse_max == NEG_INF, 0.0, lse_max)
+    weight_sum = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for s in tl.static_range(NUM_PARTS):
+        lse = tl.load(lse_rows + s * stride_ls, mask=row_ok, other=NEG_INF)
+        weight = tl.exp2(lse - lse_max)
+        # loaded whatever lse is (so no load waits for another); a part that saw no key wrote
+        # no output, and its unwritten rows (any bits, NaN included) are dropped by the where
+        o = tl.load(o_rows + s * stride_ps, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.where((lse > NEG_INF)[:, None], weight[:, None] * o, 0.0)
+        weight_sum += weight
+    out = acc / tl.where(weight_sum > 0.0, weight_sum, 1.0)[:, None]
     tl.store(
         out_ptr + b[:, None] * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_ot + d[None, :] * stride_od,
         out.to(out_ptr.dtype.element_ty),
@@ -259,9 +277,16 @@ def tree_attention_merge_kernel(
     )
 '''
 
-# Rows of one merge program: 16 x D fp32 per partial keeps registers low and gives the merge
-# of a decode step (B * Hq * T rows) dozens of programs.
+# Rows of one merge program: at most 16, and fewer when all its parts' partials (parts x rows x
+# D fp32, all in registers at once) would pass 16K values (128 a thread at 4 warps): 16 for
+# SmolLM2's 7 to 10 parts, 2 for Llama-3-8B's one-token step of 34 parts.
 _MERGE_ROWS = 16
+_MERGE_VALUES = 16 * 1024
+
+
+def _merge_rows(num_parts: int, head_dim: int) -> int:
+    fit = _MERGE_VALUES // (num_parts * max(16, next_power_of_2(head_dim)))
+    return max(1, min(_MERGE_ROWS, 1 << (max(fit, 1).bit_length() - 1)))
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -287,7 +312,6 @@ def kernel_source(*, head_dim: int, gqa_group: int, dtype: str, block_m: int, bl
         block_n=block_n,
         split_kv=bool(split_kv),
         fold_merge=bool(split_kv and fold_merge),
-        merge_rows=_MERGE_ROWS,
         dot_precision="ieee" if dtype == "float32" else "tf32",
     )
 
@@ -354,7 +378,9 @@ def _choose_launch(rows: int, heads_total: int, head_dim: int, dtype: torch.dtyp
     def launch(tiles: tuple[int, int, int, int]) -> tuple[int, int, int, int, int]:
         splits = num_splits
         if splits is None:
-            splits = _num_splits(heads_total * -(-rows // tiles[0]), prefix_capacity, device)
+            row_tiles = -(-rows // tiles[0])
+            splits = _num_splits(heads_total * row_tiles, prefix_capacity, device,
+                                 waves=_ONE_TILE_WAVES if row_tiles == 1 else _TILES_WAVES)
         return (*tiles, splits)
 
     if blocks is not None:
@@ -366,11 +392,21 @@ def _choose_launch(rows: int, heads_total: int, head_dim: int, dtype: torch.dtyp
     return launch(_choose_blocks(rows, head_dim, dtype))
 
 
-def _num_splits(programs: int, prefix_capacity: int, device: torch.device) -> int:
+# Programs per SM that a split launch aims at. One row tile per (sequence, KV head), as in
+# plain decode's one-token step: two (prefix chunks are cheap to merge, few rows each). More
+# row tiles, as in a tree's verify: one and a half. Measured on an H200 (scripts/step_parts.py,
+# SmolLM2, 64 nodes, 16-row tiles, 36 programs, results/2026-12-03_h200/step_parts_after.log):
+# 6 chunks took 7.02 / 7.38 / 8.36 / 12.99 µs at contexts 160 / 320 / 640 / 2,000, against
+# 7.71 / 8.28 / 9.10 / 13.25 with the 8 of two waves; 4 chunks lost at 2,000 (14.47).
+_ONE_TILE_WAVES = 2.0
+_TILES_WAVES = 1.5
+
+
+def _num_splits(programs: int, prefix_capacity: int, device: torch.device, waves: float = _ONE_TILE_WAVES) -> int:
     """Prefix chunks per (row tile, sequence, KV head); 0 means no split (one pass per program).
 
-    Split when the row tiles alone give fewer than ~2 programs per SM (decode: T * G query rows
-    per KV head fill one or two tiles), into chunks of at least _MIN_CHUNK keys. The count
+    Split when the row tiles alone give fewer than `waves` programs per SM (decode: T * G query
+    rows per KV head fill a few tiles), into chunks of at least _MIN_CHUNK keys. The count
     depends only on static shapes (the cache's capacity, not cache_len), so the launch is
     CUDA-graph safe; the kernel divides the actual cache_len among the chunks.
     """
@@ -378,7 +414,7 @@ def _num_splits(programs: int, prefix_capacity: int, device: torch.device) -> in
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = 4  # the interpreter: any small count exercises both modes
-    want = -(-2 * sms // programs)
+    want = math.ceil(waves * sms / programs)
     splits = min(want, -(-prefix_capacity // _MIN_CHUNK))
     return splits if splits > 1 else 0
 
@@ -509,12 +545,13 @@ def tree_attention_triton(
     )
     if split_kv and not fold:
         n_rows = batch * n_heads * steps
-        module.tree_attention_merge_kernel[(-(-n_rows // _MERGE_ROWS),)](
+        merge_rows = _merge_rows(num_splits + 1, head_dim)
+        module.tree_attention_merge_kernel[(-(-n_rows // merge_rows),)](
             o_part, lse_part, out,
-            steps, n_heads, n_rows, num_splits + 1,
+            steps, n_heads, n_rows,
             o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
             lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            num_warps=4,
+            NUM_PARTS=num_splits + 1, ROWS=merge_rows, num_warps=4,
         )
     return out

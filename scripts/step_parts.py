@@ -38,7 +38,8 @@ SPLITS = {"auto": None, "4": 4, "6": 6}
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama3-8b": (32, 8, 128)}
 
 
-def attention_rows(shape: str, capacity: int, nodes: list[int], contexts: list[int]) -> list[dict]:
+def attention_rows(shape: str, capacity: int, nodes: list[int], contexts: list[int],
+                   tiles: dict = TILES, splits: dict = SPLITS) -> list[dict]:
     device = torch.device("cuda")
     n_heads, n_kv, head_dim = SHAPES[shape]
     k_cache = torch.randn(1, 1, n_kv, capacity, head_dim, device=device, dtype=torch.bfloat16)
@@ -53,14 +54,15 @@ def attention_rows(shape: str, capacity: int, nodes: list[int], contexts: list[i
                 continue
             cache_len = torch.tensor([context], device=device)
             row = {"shape": shape, "capacity": capacity, "nodes": steps, "context": context}
-            for tile, blocks in TILES.items():
-                for split, chunks in SPLITS.items():
+            for tile, blocks in tiles.items():
+                for split, chunks in splits.items():
                     row[f"{tile}|{split}"] = graph_us_per_call(lambda b=blocks, s=chunks: tree_attention_triton(
                         q, k_cache, v_cache, 0, cache_len, mask, head_dim**-0.5, out=out, num_splits=s, blocks=b))
             rows.append(row)
             timed = {k: v for k, v in row.items() if "|" in k}
             best = min(timed, key=timed.get)
-            print(f"attention {shape} N={steps:3d} context={context:5d}  default {row['default|auto']:6.2f} µs  "
+            first = next(iter(timed))
+            print(f"attention {shape} N={steps:3d} context={context:5d}  {first} {timed[first]:6.2f} µs  "
                   f"best {best} {timed[best]:6.2f} µs  " + " ".join(f"{k}={v:.2f}" for k, v in timed.items()), flush=True)
     return rows
 
@@ -119,9 +121,13 @@ def main() -> None:
     parser.add_argument("--llama-contexts", default="1024,8192")
     parser.add_argument("--draft-sizes", default="63,24,16,12,7")
     parser.add_argument("--parts", default="argmax,draft,attention")
+    parser.add_argument("--tiles", default=",".join(TILES), help=f"attention tiles, of {','.join(TILES)}")
+    parser.add_argument("--splits", default="auto,4,6", help="attention prefix chunk counts: auto (the rule) or numbers")
     parser.add_argument("--out", default="step_parts.json")
     args = parser.parse_args()
     ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
+    tiles = {name: TILES[name] for name in args.tiles.split(",")}
+    splits = {name: None if name == "auto" else int(name) for name in args.splits.split(",")}
     parts = args.parts.split(",")
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "capacity": args.capacity}
     if "argmax" in parts:
@@ -129,9 +135,10 @@ def main() -> None:
     if "draft" in parts:
         report["draft"] = draft_rows(args.capacity, ints(args.draft_sizes), 320)
     if "attention" in parts:
-        report["attention"] = (attention_rows("smollm2-135m", args.capacity, ints(args.nodes), ints(args.contexts))
+        report["attention"] = (attention_rows("smollm2-135m", args.capacity, ints(args.nodes), ints(args.contexts),
+                                              tiles, splits)
                                + attention_rows("llama3-8b", args.llama_capacity, ints(args.llama_nodes),
-                                                ints(args.llama_contexts)))
+                                                ints(args.llama_contexts), tiles, splits))
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=1)
 

@@ -108,6 +108,39 @@ def test_tree_attention_kernel_equals_reference(case):
 
 
 @interpreted
+@settings(max_examples=20, deadline=None)
+@given(case=attention_cases(max_steps=6, max_cache=200), num_splits=st.sampled_from([3, 7, 9]))
+def test_the_merge_ignores_what_empty_chunks_left_in_their_scratch(case, num_splits):
+    # The merge loads every part's partial output whether or not the part saw a key; a chunk
+    # past cache_len writes none, so its rows hold whatever the scratch held. Scratch full of
+    # NaN (torch.empty promises nothing) must not reach the output.
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    q, k_cache, v_cache, cache_len, tree_mask = make_inputs(case)
+    scale = case["head_dim"] ** -0.5
+    expected = tree_attention_reference(q, k_cache, v_cache, case["layer"], cache_len, tree_mask, scale)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "empty", poisoned_empty)
+        out = run_kernel(q, k_cache, v_cache, case["layer"], cache_len, tree_mask, scale, num_splits=num_splits)
+    torch.testing.assert_close(out.float(), expected.float(), **TOLERANCE[case["dtype"]])
+
+
+def test_merge_programs_hold_at_most_16k_partial_values():
+    from specc.lowering.tree_attention_triton import _merge_rows
+
+    assert _merge_rows(10, 64) == 16  # SmolLM2, 9 chunks + the tree: 10 x 16 x 64 = 10,240
+    assert _merge_rows(34, 128) == 2  # Llama-3-8B's one-token step: 33 chunks + the tree
+    assert _merge_rows(8, 128) == 16
+    assert _merge_rows(200, 256) == 1
+    assert all(parts * _merge_rows(parts, d) * d <= 16384 or _merge_rows(parts, d) == 1
+               for parts in range(2, 70) for d in (16, 32, 64, 128, 256))
+
+
+@interpreted
 @settings(max_examples=30, deadline=None)
 @given(case=attention_cases(), min_chunk=st.sampled_from([0, 64, 256]))
 def test_the_folded_merge_equals_the_reference_and_leaves_its_counters_at_zero(case, min_chunk):
@@ -226,12 +259,16 @@ def test_split_launches_take_the_decode_tiles_and_unsplit_ones_the_large_tiles(m
     monkeypatch.setattr(module, "_sm_count", lambda index: 132)  # an H200's SMs; nothing runs
     gpu, bf16 = torch.device("cuda", 0), torch.bfloat16
     # a 64-node verify of SmolLM2 (Hkv 3, group 3, D 64): 12 tiles of 16 rows, 36 programs, so
-    # 8 prefix chunks (about 2 programs per SM) of a 2,240-key capacity
-    assert module._choose_launch(64 * 3, 3, 64, bf16, 2240, gpu, None) == (16, 64, 4, 3, 8)
-    # Llama-3-8B's D = 128: 64-row tiles (16-row ones read K/V too often at long contexts)
-    assert module._choose_launch(64 * 4, 8, 128, bf16, 8256, gpu, None) == (64, 64, 4, 3, 9)
-    # plain decode, one token: the tile is the 16 rows it always was
-    assert module._choose_launch(3, 3, 64, bf16, 2303, gpu, None)[:4] == (16, 64, 4, 3)
+    # 6 prefix chunks (1.5 programs per SM: several row tiles) of a 2,240-key capacity
+    assert module._choose_launch(64 * 3, 3, 64, bf16, 2240, gpu, None) == (16, 64, 4, 3, 6)
+    # Llama-3-8B's D = 128: 64-row tiles (16-row ones read K/V too often at long contexts);
+    # 4 tiles x 8 KV heads = 32 programs, 7 chunks
+    assert module._choose_launch(64 * 4, 8, 128, bf16, 8256, gpu, None) == (64, 64, 4, 3, 7)
+    # plain decode, one token: the tile is the 16 rows it always was, and one row tile per KV
+    # head aims at 2 programs per SM: 3 programs want 88 chunks, the capacity allows 9
+    assert module._choose_launch(3, 3, 64, bf16, 2303, gpu, None) == (16, 64, 4, 3, 9)
+    # Llama-3-8B's one-token step: 8 programs, 33 chunks (264 / 8), as many as 8,319 keys allow
+    assert module._choose_launch(4, 8, 128, bf16, 8319, gpu, None) == (16, 64, 4, 3, 33)
     # a count given by the caller: > 0 takes the decode tiles, 0 (fused) the large ones
     assert module._choose_launch(192, 3, 64, bf16, 2240, gpu, 4) == (16, 64, 4, 3, 4)
     assert module._choose_launch(192, 3, 64, bf16, 2240, gpu, 0) == (*module._choose_blocks(192, 64, bf16), 0)
