@@ -328,11 +328,14 @@ def _rotate_q_and_k_in_one_buffer(qkv: torch.Tensor, n_heads: int, n_kv: int, co
     launch counts). Outside a compile the prim is a no-op (the strides already match)."""
     import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 
-    b, t, _, head_dim = qkv.shape
+    t, head_dim = qkv.shape[1], qkv.shape[3]
     qk = qkv[:, :, :n_heads + n_kv]
     qk = qk * cos.unsqueeze(2) + rotate_half(qk) * sin.unsqueeze(2)
     rotated = n_heads + n_kv
-    qk = torch.ops.prims.inductor_force_stride_order(qk, (t * rotated * head_dim, rotated * head_dim, head_dim, 1))
+    if isinstance(t, int) and isinstance(head_dim, int):
+        # static shapes only (the decode step's): Inductor cannot order symbolic strides, and a
+        # prefill compiled for any length runs once per prompt, where a kernel more is nothing
+        qk = torch.ops.prims.inductor_force_stride_order(qk, (t * rotated * head_dim, rotated * head_dim, head_dim, 1))
     return (qk[:, :, :n_heads].transpose(1, 2), qk[:, :, n_heads:].transpose(1, 2),
             qkv[:, :, n_heads + n_kv:].transpose(1, 2))
 
