@@ -23,7 +23,7 @@ from specc.cli import main
 from specc.models.llama import rotate_half
 
 
-def _two_kernel_rotation(qkv, n_heads, n_kv, cos, sin):
+def _two_kernel_rotation(qkv, n_heads, n_kv, cos, sin, static_shapes):
     q = qkv[:, :, :n_heads].transpose(1, 2)
     k = qkv[:, :, n_heads:n_heads + n_kv].transpose(1, 2)
     v = qkv[:, :, n_heads + n_kv:].transpose(1, 2)

@@ -258,9 +258,12 @@ class EagleDraft(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         stacked: StackedProjections | None = None,
+        static_shapes: bool = False,
     ) -> torch.Tensor:
         """Like forward, but writes K/V into the draft cache [1, B, Hkv, S, D] at cache_len + i
         and attends over the cached prefix plus the new tokens under tree_mask [B, T, T].
+        `static_shapes`: compiled for these shapes only (the decode step), which lets the stacked
+        path rotate q and k in one kernel (_rotate_q_and_k_in_one_buffer).
         With `stacked` (this draft's StackedProjections), q/k/v and gate/up are one GEMM each."""
         import specc.lowering  # noqa: F401  (registers the ops)
 
@@ -280,7 +283,7 @@ class EagleDraft(nn.Module):
             k = k * cos + rotate_half(k) * sin
         else:
             qkv = F.linear(h, stacked.qkv).view(b, t, n_heads + 2 * n_kv, head_dim)
-            q, k, v = _rotate_q_and_k_in_one_buffer(qkv, n_heads, n_kv, cos, sin)
+            q, k, v = _rotate_q_and_k_in_one_buffer(qkv, n_heads, n_kv, cos, sin, static_shapes)
         torch.ops.specc.kv_write(k_cache, v_cache, 0, k, v, cache_len)
         out = torch.ops.specc.tree_attention(q, k_cache, v_cache, 0, cache_len, tree_mask, attn.head_dim**-0.5)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
@@ -316,8 +319,8 @@ class EagleDraft(nn.Module):
         save_file(own, str(path), metadata={**metadata, **(extra_metadata or {})})
 
 
-def _rotate_q_and_k_in_one_buffer(qkv: torch.Tensor, n_heads: int, n_kv: int, cos: torch.Tensor,
-                                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rotate_q_and_k_in_one_buffer(qkv: torch.Tensor, n_heads: int, n_kv: int, cos: torch.Tensor, sin: torch.Tensor,
+                                   static_shapes: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RoPE on the q and k heads of qkv [B, T, Hq + 2 Hkv, D] as one tensor, stored as one buffer;
     returns q [B, Hq, T, D], k and v [B, Hkv, T, D], views of it and of qkv.
 
@@ -332,9 +335,9 @@ def _rotate_q_and_k_in_one_buffer(qkv: torch.Tensor, n_heads: int, n_kv: int, co
     qk = qkv[:, :, :n_heads + n_kv]
     qk = qk * cos.unsqueeze(2) + rotate_half(qk) * sin.unsqueeze(2)
     rotated = n_heads + n_kv
-    if isinstance(t, int) and isinstance(head_dim, int):
-        # static shapes only (the decode step's): Inductor cannot order symbolic strides, and a
-        # prefill compiled for any length runs once per prompt, where a kernel more is nothing
+    if static_shapes:
+        # only then: Inductor cannot order symbolic strides (a prefill compiled for any prompt
+        # length failed to lower on the GPU), and a prefill runs once per prompt anyway
         qk = torch.ops.prims.inductor_force_stride_order(qk, (t * rotated * head_dim, rotated * head_dim, head_dim, 1))
     return (qk[:, :, :n_heads].transpose(1, 2), qk[:, :, n_heads:].transpose(1, 2),
             qkv[:, :, n_heads + n_kv:].transpose(1, 2))
