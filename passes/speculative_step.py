@@ -155,13 +155,10 @@ def path_features(draft, final_hidden: torch.Tensor, layer_outputs: Sequence[tor
     return draft_features(draft, final_hidden[rows, path], [layer[rows, path] for layer in layer_outputs])
 
 
-def decoder(draft, stacked=None, static_shapes: bool = False) -> Callable:
+def decoder(draft, stacked=None) -> Callable:
     """The draft's decode, with its stacked projections when given (drafts without them, such
-    as the tests' oracle, take the plain signature); `static_shapes` for a caller compiled for
-    fixed shapes (the decode step, not the prefill)."""
-    if stacked is None:
-        return draft.decode
-    return functools.partial(draft.decode, stacked=stacked, static_shapes=static_shapes)
+    as the tests' oracle, take the plain signature)."""
+    return draft.decode if stacked is None else functools.partial(draft.decode, stacked=stacked)
 
 
 def make_spec_prefill(program: TargetProgram, draft, stacked=None) -> Callable:
@@ -396,7 +393,7 @@ def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree, 
     if proposable is not None and proposable < widest:
         raise ValueError(f"the draft proposes from {proposable} tokens but the tree gives a node {widest} children; "
                          f"use a larger draft vocabulary or a narrower tree")
-    draft_decode = decoder(draft, stacked, static_shapes=True)
+    draft_decode = decoder(draft, stacked)
     sampling = None if sampling is None or sampling.greedy else sampling
     rule = sampling_rule(plan, verify_rule)
     if isinstance(plan, DynamicTree):

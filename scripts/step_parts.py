@@ -74,7 +74,7 @@ def draft_rows(capacity: int, sizes: list[int], context: int) -> list[dict]:
     device = torch.device("cuda")
     target = build_random_model(shapes_config("smollm2-135m"), torch.bfloat16, device)
     draft = build_random_draft(target)
-    draft_decode = decoder(draft, StackedProjections(draft), static_shapes=True)
+    draft_decode = decoder(draft, StackedProjections(draft))
     draft_k, draft_v = draft.new_cache(1, capacity, torch.bfloat16, device)
     widest = max(sizes)
     tokens = torch.randint(0, target.config.vocab_size, (1, widest), device=device)

@@ -1,11 +1,10 @@
 """`specc bench spec` with one of this run's changes undone in-process, each variant after the
 other in one process (run from the repository root on the GPU machine):
 
-    python3 results/2026-12-03b_h200/variant_spec.py OUT_DIR split merge rope
+    python3 results/2026-12-03b_h200/variant_spec.py OUT_DIR none split merge
 
     split  split launches with several row tiles aim at 2 programs per SM again (not 1.5)
     merge  the merge kernel loops over the parts at run time again (not unrolled, loads up front)
-    rope   the draft layer rotates q and k in two kernels again (not one buffer)
     none   this run's code
 
 Each variant runs 80 MT-Bench first turns, greedy, 256 new tokens, bf16, `tuned:64,6`, with its
@@ -17,18 +16,8 @@ from contextlib import contextmanager
 
 import torch
 
-import specc.draft.eagle as eagle
 import specc.lowering.tree_attention_triton as attention
 from specc.cli import main
-from specc.models.llama import rotate_half
-
-
-def _two_kernel_rotation(qkv, n_heads, n_kv, cos, sin, static_shapes):
-    q = qkv[:, :, :n_heads].transpose(1, 2)
-    k = qkv[:, :, n_heads:n_heads + n_kv].transpose(1, 2)
-    v = qkv[:, :, n_heads + n_kv:].transpose(1, 2)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
 
 _TEMPLATE = attention.TREE_ATTENTION_TEMPLATE
@@ -40,19 +29,17 @@ _LOOPED = '    out = _merge_partials(lse_rows, o_rows, row_ok, d_ok, NUM_PARTS, 
 
 @contextmanager
 def undone(variant: str):
-    saved = (attention._TILES_WAVES, attention.TREE_ATTENTION_TEMPLATE, eagle._rotate_q_and_k_in_one_buffer)
+    saved = (attention._TILES_WAVES, attention.TREE_ATTENTION_TEMPLATE)
     if variant == "split":
         attention._TILES_WAVES = attention._ONE_TILE_WAVES
     elif variant == "merge":
         attention.TREE_ATTENTION_TEMPLATE = attention.TREE_ATTENTION_TEMPLATE.replace(_UNROLLED, _LOOPED)
-    elif variant == "rope":
-        eagle._rotate_q_and_k_in_one_buffer = _two_kernel_rotation
     elif variant != "none":
-        raise SystemExit(f"variant {variant!r}: use split, merge, rope or none")
+        raise SystemExit(f"variant {variant!r}: use split, merge or none")
     try:
         yield
     finally:
-        attention._TILES_WAVES, attention.TREE_ATTENTION_TEMPLATE, eagle._rotate_q_and_k_in_one_buffer = saved
+        attention._TILES_WAVES, attention.TREE_ATTENTION_TEMPLATE = saved
 
 
 out_dir, variants = sys.argv[1], sys.argv[2:]

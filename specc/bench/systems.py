@@ -383,7 +383,7 @@ def drafting_callable(draft, plan, state: SpecState) -> Callable:
     from specc.passes.pipeline import causal_mask
     from specc.passes.speculative_step import StaticTreeConstants, _draft_static, decoder
 
-    draft_decode = decoder(draft, StackedProjections(draft), static_shapes=True)
+    draft_decode = decoder(draft, StackedProjections(draft))
     constants = StaticTreeConstants.build(plan, state.cache_len.device)
     batch = state.tokens.shape[0]
     device = state.tokens.device

@@ -258,12 +258,9 @@ class EagleDraft(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         stacked: StackedProjections | None = None,
-        static_shapes: bool = False,
     ) -> torch.Tensor:
         """Like forward, but writes K/V into the draft cache [1, B, Hkv, S, D] at cache_len + i
         and attends over the cached prefix plus the new tokens under tree_mask [B, T, T].
-        `static_shapes`: compiled for these shapes only (the decode step), which lets the stacked
-        path rotate q and k in one kernel (_rotate_q_and_k_in_one_buffer).
         With `stacked` (this draft's StackedProjections), q/k/v and gate/up are one GEMM each."""
         import specc.lowering  # noqa: F401  (registers the ops)
 
@@ -272,18 +269,18 @@ class EagleDraft(nn.Module):
         attn = layer.self_attn
         b, t, _ = x.shape
         h = layer.input_layernorm(x)
-        n_heads, n_kv, head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        cos, sin = self.rotary(positions, x.dtype)
+        q_size, kv_size = attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim
         if stacked is None:
-            q = attn.q_proj(h).view(b, t, n_heads, head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(b, t, n_kv, head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(b, t, n_kv, head_dim).transpose(1, 2)
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
         else:
-            qkv = F.linear(h, stacked.qkv).view(b, t, n_heads + 2 * n_kv, head_dim)
-            q, k, v = _rotate_q_and_k_in_one_buffer(qkv, n_heads, n_kv, cos, sin, static_shapes)
+            q, k, v = F.linear(h, stacked.qkv).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)
+        k = k.view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        v = v.view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
         torch.ops.specc.kv_write(k_cache, v_cache, 0, k, v, cache_len)
         out = torch.ops.specc.tree_attention(q, k_cache, v_cache, 0, cache_len, tree_mask, attn.head_dim**-0.5)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
@@ -317,30 +314,6 @@ class EagleDraft(nn.Module):
             raise DraftConfigError("a head is saved with the token counts its draft vocabulary came from; "
                                    "set draft.token_counts first (specc/draft/vocab.py)")
         save_file(own, str(path), metadata={**metadata, **(extra_metadata or {})})
-
-
-def _rotate_q_and_k_in_one_buffer(qkv: torch.Tensor, n_heads: int, n_kv: int, cos: torch.Tensor, sin: torch.Tensor,
-                                   static_shapes: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RoPE on the q and k heads of qkv [B, T, Hq + 2 Hkv, D] as one tensor, stored as one buffer;
-    returns q [B, Hq, T, D], k and v [B, Hkv, T, D], views of it and of qkv.
-
-    Why one buffer: q and k go to two custom ops with kv_write between them, and Inductor
-    realises each op's input on its own, so rotating q and k separately (or one lazy tensor
-    sliced twice) is two kernels. Forcing the rotated tensor's strides realises it whole:
-    one kernel (a decode step runs the draft layer once per tree level, so each kernel's
-    launch counts). Outside a compile the prim is a no-op (the strides already match)."""
-    import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
-
-    t, head_dim = qkv.shape[1], qkv.shape[3]
-    qk = qkv[:, :, :n_heads + n_kv]
-    qk = qk * cos.unsqueeze(2) + rotate_half(qk) * sin.unsqueeze(2)
-    rotated = n_heads + n_kv
-    if static_shapes:
-        # only then: Inductor cannot order symbolic strides (a prefill compiled for any prompt
-        # length failed to lower on the GPU), and a prefill runs once per prompt anyway
-        qk = torch.ops.prims.inductor_force_stride_order(qk, (t * rotated * head_dim, rotated * head_dim, head_dim, 1))
-    return (qk[:, :, :n_heads].transpose(1, 2), qk[:, :, n_heads:].transpose(1, 2),
-            qkv[:, :, n_heads + n_kv:].transpose(1, 2))
 
 
 class StackedProjections:

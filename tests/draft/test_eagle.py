@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import re
-
 import pytest
 import torch
 
@@ -40,34 +37,6 @@ def _decode(draft: EagleDraft, stacked: StackedProjections | None, seed: int = 1
 def test_decode_with_stacked_projections_equals_decode_without(kind):
     draft = _draft(kind)
     torch.testing.assert_close(_decode(draft, StackedProjections(draft)), _decode(draft, None), rtol=1e-5, atol=1e-5)
-
-
-def test_the_stacked_decode_rotates_q_and_k_in_one_compiled_kernel():
-    # Inductor realises each custom op's input on its own, so without the forced buffer q's and
-    # k's rotations compile to two kernels (one feeding kv_write, one tree_attention)
-    from torch._inductor.utils import run_and_get_code
-
-    draft = _draft("eagle3", seed=7)
-    stacked = StackedProjections(draft)
-    gen = torch.Generator().manual_seed(2)
-    tokens, features = torch.randint(0, TINY.vocab_size, (1, 5), generator=gen), torch.randn(1, 5, TINY.hidden_size, generator=gen)
-    cache_len = torch.tensor([4])
-    args = (tokens, features, cache_len[:, None] + torch.arange(5), cache_len, causal_mask(1, 5, "cpu"))
-    eager_cache, compiled_cache = draft.new_cache(1, 16, torch.float32, "cpu"), draft.new_cache(1, 16, torch.float32, "cpu")
-    torch._dynamo.reset()
-    with torch.no_grad():
-        expected = draft.decode(*args, *eager_cache, stacked)
-        out, code = run_and_get_code(torch.compile(functools.partial(draft.decode, static_shapes=True)), *args,
-                                      *compiled_cache, stacked)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(compiled_cache, eager_cache, rtol=1e-5, atol=1e-5)
-    rotations = {name for name in re.findall(r"\b(cpp_fused\w+|triton_\w+) = ", "\n".join(code)) if "_cos_" in name}
-    assert len(rotations) == 1, rotations
-    # a prefill compiles for any prompt length (symbolic strides): decode without static_shapes
-    torch._dynamo.reset()
-    with torch.no_grad():
-        dynamic = torch.compile(draft.decode, dynamic=True)(*args, *draft.new_cache(1, 16, torch.float32, "cpu"), stacked)
-    torch.testing.assert_close(dynamic, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_refresh_rereads_the_drafts_weights_in_place():
