@@ -4,8 +4,8 @@ split: flash-decoding chunks of the prefix plus the tree pass, then the merge ke
 launches); fold: the same split, merged by each tile's last program, with chunks of at least
 256 keys (one launch; SPECC_ATTENTION_MERGE=fold); fused: one program per (row tile, sequence,
 KV head) streams prefix and tree through one online softmax (one launch). `tree_attention_triton` picks split whenever the row tiles
-alone give under ~2 programs per SM and the cache's capacity exceeds one 256-key chunk, from
-static shapes only; this measures what each mode costs at the context a decode step actually
+alone give under ~2 programs per SM (1.5 with several row tiles per KV head) and the cache's
+capacity exceeds one 256-key chunk, from static shapes only; this measures what each mode costs at the context a decode step actually
 sees, for SmolLM2's heads (Hq 9, Hkv 3, D 64) and Llama-3-8B's (32, 8, 128), batch 1, bf16.
 
     python3 scripts/attention_modes.py --out attention_modes.json

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     plain.add_argument("--prompts", default=None, help="JSONL with `turns` (default: MT-Bench)")
     plain.add_argument("--out", default=None, help="write the full JSON report here")
     plain.set_defaults(func=cmd_bench_plain)
-    from specc.bench import acceptance_gap, end_to_end, sampling_rules, step_diff, step_profile, systems
+    from specc.bench import accept_compare, acceptance_gap, end_to_end, sampling_rules, step_diff, step_profile, systems
 
     end_to_end.add_parser(benches)
     systems.add_parser(benches)
@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     acceptance_gap.add_parser(benches)
     step_diff.add_parser(benches)
     step_profile.add_parser(benches)
+    accept_compare.add_parser(benches)
 
     from specc.draft.cli import add_train_draft_parser
 
