@@ -285,8 +285,8 @@ _MERGE_VALUES = 16 * 1024
 
 
 def _merge_rows(num_parts: int, head_dim: int) -> int:
-    fit = _MERGE_VALUES // (num_parts * max(16, next_power_of_2(head_dim)))
-    return max(1, min(_MERGE_ROWS, 1 << (max(fit, 1).bit_length() - 1)))
+    fit = max(1, _MERGE_VALUES // (num_parts * max(16, next_power_of_2(head_dim))))
+    return min(_MERGE_ROWS, 1 << (fit.bit_length() - 1))  # the largest power of two <= fit
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 

@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--draft-sizes", default="63,24,16,12,7")
     parser.add_argument("--parts", default="argmax,draft,attention")
     parser.add_argument("--tiles", default=",".join(TILES), help=f"attention tiles, of {','.join(TILES)}")
-    parser.add_argument("--splits", default="auto,4,6", help="attention prefix chunk counts: auto (the rule) or numbers")
+    parser.add_argument("--splits", default=",".join(SPLITS), help="attention prefix chunk counts: auto (the rule) or numbers")
     parser.add_argument("--out", default="step_parts.json")
     args = parser.parse_args()
     ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731

@@ -45,16 +45,16 @@ def configuration(report: dict, decoder: str, tree: str | None = None, batch: in
     return found[0]
 
 
-def spec_rows(report: dict, tree: str | None, batch: int) -> dict[int, dict]:
-    """Prompt index -> {"tokens", "accept_lengths"} of the speculative configuration, tokens
-    restored from the plain rows where the report stored them once (outputs equal to plain)."""
-    spec = configuration(report, "spec", tree, batch)
-    plain = {row["index"]: row for row in configuration(report, "plain", None, batch)["per_prompt"]}
-    rows = {}
-    for row in spec["per_prompt"]:
-        tokens = row["tokens"] if "tokens" in row else plain[row["index"]]["tokens"]
-        rows[row["index"]] = {"tokens": tokens, "accept_lengths": row["accept_lengths"]}
-    return rows
+def spec_rows(spec: dict, plain: dict[int, list[int]]) -> dict[int, dict]:
+    """Prompt index -> {"tokens", "accept_lengths"} of a speculative configuration, tokens
+    restored from `plain` (index -> tokens) where the report stored them once (outputs equal to
+    plain)."""
+    return {row["index"]: {"tokens": row["tokens"] if "tokens" in row else plain[row["index"]],
+                           "accept_lengths": row["accept_lengths"]} for row in spec["per_prompt"]}
+
+
+def _plain_tokens(report: dict, batch: int) -> dict[int, list[int]]:
+    return {row["index"]: row["tokens"] for row in configuration(report, "plain", None, batch)["per_prompt"]}
 
 
 def steps_within(accept_lengths: list[int], length: int) -> list[int]:
@@ -74,12 +74,12 @@ def shared_length(a: list[int], b: list[int]) -> int:
 def compare(report_a: dict, report_b: dict, tree_a: str | None = None, tree_b: str | None = None,
             batch: int = 1) -> dict:
     """Accept lengths of two runs' speculative configurations on the text both decoded."""
-    rows_a, rows_b = spec_rows(report_a, tree_a, batch), spec_rows(report_b, tree_b, batch)
+    spec_a, spec_b = configuration(report_a, "spec", tree_a, batch), configuration(report_b, "spec", tree_b, batch)
+    plain_a, plain_b = _plain_tokens(report_a, batch), _plain_tokens(report_b, batch)
+    rows_a, rows_b = spec_rows(spec_a, plain_a), spec_rows(spec_b, plain_b)
     prompts = sorted(rows_a.keys() & rows_b.keys())
     if not prompts:
         raise ValueError("the two reports share no prompt index; compare runs of the same prompt file")
-    plain_a = {r["index"]: r["tokens"] for r in configuration(report_a, "plain", None, batch)["per_prompt"]}
-    plain_b = {r["index"]: r["tokens"] for r in configuration(report_b, "plain", None, batch)["per_prompt"]}
     shared = 0
     steps = {"a": [], "b": []}
     differing = []
@@ -102,9 +102,9 @@ def compare(report_a: dict, report_b: dict, tree_a: str | None = None, tree_b: s
         "plain_outputs_differing": sum(plain_a[i] != plain_b[i] for i in prompts if i in plain_a and i in plain_b),
         "shared_tokens": shared,
         "a": {"tree": tree_a, "steps": len(steps["a"]), "accept_on_shared_text": mean(steps["a"]),
-              "accept_overall": configuration(report_a, "spec", tree_a, batch)["mean_accept_length"]},
+              "accept_overall": spec_a["mean_accept_length"]},
         "b": {"tree": tree_b, "steps": len(steps["b"]), "accept_on_shared_text": mean(steps["b"]),
-              "accept_overall": configuration(report_b, "spec", tree_b, batch)["mean_accept_length"]},
+              "accept_overall": spec_b["mean_accept_length"]},
         "prompts_with_differing_accepts_on_shared_text": differing,
     }
 
