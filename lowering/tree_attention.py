@@ -13,6 +13,9 @@ Shapes: q [B, Hq, T, D]; k_cache, v_cache [L, B, Hkv, S, D]; cache_len int [B];
 tree_mask bool [B, T, T] with the diagonal set; out [B, Hq, T, D] in q's dtype.
 GQA: query head h reads KV head h // (Hq // Hkv).
 Prefill is the chain tree (causal mask), plain decode is T = 1.
+With `rope_cos`/`rope_sin` [B or 1, T, D] (lowering/rotary.py), q is the query projection before
+its rotary embedding and the op attends with rotate(q, cos, sin); the kernel rotates q as it
+loads it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from specc.lowering.registry import kernel_enabled
+from specc.lowering.rotary import check_rotary, rotate_reference
 
 
 def tree_attention_reference(
@@ -58,14 +62,19 @@ def tree_attention(
     cache_len: torch.Tensor,
     tree_mask: torch.Tensor,
     scale: float,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    check_rotary(q, rope_cos, rope_sin, "tree_attention")
     if q.is_cuda and kernel_enabled():
         from specc.lowering.tree_attention_triton import tree_attention_triton
 
-        return tree_attention_triton(q, k_cache, v_cache, layer, cache_len, tree_mask, scale)
-    return tree_attention_reference(q, k_cache, v_cache, layer, cache_len, tree_mask, scale)
+        return tree_attention_triton(q, k_cache, v_cache, layer, cache_len, tree_mask, scale,
+                                     rope_cos=rope_cos, rope_sin=rope_sin)
+    rotated = q if rope_cos is None else rotate_reference(q, rope_cos, rope_sin).to(q.dtype)
+    return tree_attention_reference(rotated, k_cache, v_cache, layer, cache_len, tree_mask, scale)
 
 
 @tree_attention.register_fake
-def _(q, k_cache, v_cache, layer, cache_len, tree_mask, scale):
+def _(q, k_cache, v_cache, layer, cache_len, tree_mask, scale, rope_cos=None, rope_sin=None):
     return torch.empty_like(q)

@@ -1,6 +1,6 @@
 """The pass pipeline: Dynamo's graph of the model in, the target program out.
 
-    recognise skeleton -> positions input -> cached tree attention -> program signature
+    recognise skeleton -> positions input -> cached tree attention -> rotary fusion -> program signature
     -> fused projections (optional, on by default)
     -> equivalence check (the rewritten program against the original graph on the probe)
 
@@ -25,11 +25,13 @@ from specc.passes.graph_utils import RecognitionError
 from specc.passes.kv_cache import use_cached_tree_attention
 from specc.passes.positions import use_position_input
 from specc.passes.program_signature import set_program_signature
+from specc.passes.rotary_fusion import fuse_rotary_into_attention
 from specc.passes.skeleton import LlamaSkeleton, recognise_llama
 
 REWRITES: list[tuple[str, Callable[[fx.GraphModule, LlamaSkeleton], str]]] = [
     ("positions", use_position_input),
     ("kv_cache", use_cached_tree_attention),
+    ("rotary_fusion", fuse_rotary_into_attention),
     ("program_signature", set_program_signature),
 ]
 FUSION = ("fused_projections", fuse_parallel_projections)

@@ -162,12 +162,12 @@ class Engine:
                 torch.ones(key.batch, dtype=torch.int64, device=program.device),
             )
         dump = program.dump_dir
-        step_name = "04_plain_step" if key.tree is None else "04_speculative_step"
+        step_name = "06_plain_step" if key.tree is None else "06_speculative_step"
         if dump is not None and key.tree is not None:
             write_tree_dump(dump, step_name, key.tree)
         if key.compile:
             _allow_one_compile_per_engine()
-            prefill_backend = dumping_backend(dump, "05_prefill") if dump else "inductor"
+            prefill_backend = dumping_backend(dump, "07_prefill") if dump else "inductor"
             step_backend = dumping_backend(dump, step_name) if dump else "inductor"
             prefill = _without_duck_sizing(torch.compile(prefill, fullgraph=True, dynamic=True, backend=prefill_backend))
             step = torch.compile(step, fullgraph=True, dynamic=False, backend=step_backend)

@@ -263,6 +263,7 @@ class EagleDraft(nn.Module):
         and attends over the cached prefix plus the new tokens under tree_mask [B, T, T].
         With `stacked` (this draft's StackedProjections), q/k/v and gate/up are one GEMM each."""
         import specc.lowering  # noqa: F401  (registers the ops)
+        from specc.passes.rotary_fusion import fuse_rotary_default
 
         x = self._input(tokens, features)
         layer = self.layer
@@ -278,11 +279,17 @@ class EagleDraft(nn.Module):
         k = k.view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
         v = v.view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
         cos, sin = self.rotary(positions, x.dtype)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        torch.ops.specc.kv_write(k_cache, v_cache, 0, k, v, cache_len)
-        out = torch.ops.specc.tree_attention(q, k_cache, v_cache, 0, cache_len, tree_mask, attn.head_dim**-0.5)
+        scale = attn.head_dim**-0.5
+        if fuse_rotary_default():
+            # the ops rotate q and k as they load them (passes/rotary_fusion.py does this for the target)
+            torch.ops.specc.kv_write(k_cache, v_cache, 0, k, v, cache_len, cos, sin)
+            out = torch.ops.specc.tree_attention(q, k_cache, v_cache, 0, cache_len, tree_mask, scale, cos, sin)
+        else:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            torch.ops.specc.kv_write(k_cache, v_cache, 0, k, v, cache_len)
+            out = torch.ops.specc.tree_attention(q, k_cache, v_cache, 0, cache_len, tree_mask, scale)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
         h = layer.post_attention_layernorm(x)
         if stacked is None:

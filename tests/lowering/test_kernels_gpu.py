@@ -135,6 +135,49 @@ def test_kv_write_kernel_matches_reference_on_gpu(shape, steps, dtype):
     assert torch.equal(cache, expected) and torch.equal(v_cache, v_expected)
 
 
+def llama_tables(batch, steps, head_dim, dtype, shared):
+    """cos, sin [B or 1, T, D] of the Llama rotation at positions up to 8K."""
+    positions = torch.randint(0, 8192, (1 if shared else batch, steps), device="cuda")
+    inv_freq = 500000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device="cuda") / head_dim)
+    emb = (positions[..., None].float() * inv_freq).repeat(1, 1, 2)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("steps", [1, 64, 300])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=str)
+def test_the_kernels_rotating_q_and_k_match_the_rotated_references_on_gpu(shape, steps, dtype):
+    # passes/rotary_fusion.py hands the kernels q and k before their rotation: attention over a
+    # rotated q against float64 on the q the model would have rotated, and the cache rows
+    # written from k against the model's rotation (computed in fp32, rounded once)
+    from specc.lowering.kv_write_triton import kv_write_triton
+    from specc.lowering.rotary import rotate_reference
+    from specc.lowering.tree_attention_triton import tree_attention_triton
+
+    n_heads, n_kv, head_dim = SHAPES[shape]
+    for seed, (batch, shared) in enumerate([(1, True), (3, False)]):
+        q, k_cache, v_cache, cache_len, tree_mask = random_case(n_heads, n_kv, head_dim, batch, steps, dtype, seed,
+                                                                max_cache=2000)
+        cos, sin = llama_tables(batch, steps, head_dim, dtype, shared)
+        out = torch.full_like(q, float("nan"))
+        tree_attention_triton(q, k_cache, v_cache, 1, cache_len, tree_mask, head_dim**-0.5, out=out,
+                              rope_cos=cos, rope_sin=sin)
+        rotated = rotate_reference(q.float(), cos.float(), sin.float()).to(dtype)
+        assert_close_relative(out, attention_fp64(rotated, k_cache, v_cache, 1, cache_len, tree_mask, head_dim**-0.5),
+                              dtype)
+
+        k = torch.randn(batch, steps, n_kv, head_dim, device="cuda").transpose(1, 2).to(dtype)
+        v = torch.randn(batch, n_kv, steps, head_dim, device="cuda").to(dtype)
+        expected_k, expected_v = k_cache.clone(), v_cache.clone()
+        kv_write_reference(expected_k, 1, rotate_reference(k.float(), cos.float(), sin.float()), cache_len)
+        kv_write_reference(expected_v, 1, v, cache_len)
+        kv_write_triton(k_cache, v_cache, 1, k, v, cache_len, cos, sin)
+        torch.cuda.synchronize()
+        assert torch.equal(v_cache, expected_v)
+        tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(k_cache, expected_k, **tolerance)
+
+
 def test_custom_op_runs_the_kernel_on_cuda():
     import specc.lowering  # noqa: F401  (registers the ops)
     from specc.lowering.tree_attention_triton import tree_attention_triton

@@ -71,6 +71,34 @@ def test_kv_write_kernel_equals_reference(case):
 
 
 @interpreted
+@settings(max_examples=30, deadline=None)
+@given(case=write_cases(), shared=st.booleans())
+def test_kv_write_kernel_rotating_k_equals_the_reference_on_the_rotated_k(case, shared):
+    # With rope_cos/rope_sin, K is rotated on its way into the cache (computed in fp32, rounded
+    # once to the cache's dtype); V is copied as it is.
+    from specc.lowering.rotary import rotate_reference
+
+    gen = torch.Generator().manual_seed(case["seed"])
+    batch, n_kv, steps, head_dim = case["batch"], case["n_kv"], case["steps"], case["head_dim"]
+    shape = (case["n_layers"], batch, n_kv, case["capacity"], head_dim)
+    k_cache = torch.randn(*shape, generator=gen).to(case["cache_dtype"])
+    v_cache = torch.randn(*shape, generator=gen).to(case["cache_dtype"])
+    k = torch.randn(batch, steps, n_kv, head_dim, generator=gen).transpose(1, 2).to(case["new_dtype"])
+    v = torch.randn(batch, n_kv, steps, head_dim, generator=gen).to(case["new_dtype"])
+    angles = torch.rand(1 if shared else batch, steps, head_dim // 2, generator=gen) * 100
+    cos = torch.cat((angles.cos(), angles.cos()), -1).to(case["new_dtype"])
+    sin = torch.cat((angles.sin(), angles.sin()), -1).to(case["new_dtype"])
+    cache_len = torch.tensor(case["cache_len"], dtype=case["cache_len_dtype"])
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    kv_write_reference(k_expected, case["layer"], rotate_reference(k.float(), cos.float(), sin.float()), cache_len)
+    kv_write_reference(v_expected, case["layer"], v, cache_len)
+    kv_write_triton(k_cache, v_cache, case["layer"], k, v, cache_len, cos, sin)
+    tolerance = dict(atol=1e-6, rtol=1e-6) if case["cache_dtype"] == torch.float32 else dict(atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(k_cache, k_expected, **tolerance)
+    assert torch.equal(v_cache, v_expected)
+
+
+@interpreted
 def test_kv_write_kernel_drops_positions_past_the_cache_end_and_touches_nothing_else():
     # The cache is a view into a larger buffer whose extra rows (positions >= S) are a guard:
     # a write past the end must be dropped, not land there.

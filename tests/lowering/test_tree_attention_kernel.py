@@ -107,6 +107,35 @@ def test_tree_attention_kernel_equals_reference(case):
     torch.testing.assert_close(out.float(), expected.float(), **TOLERANCE[case["dtype"]])
 
 
+def rotary_tables(batch: int, steps: int, head_dim: int, dtype: torch.dtype, seed: int, shared: bool):
+    """Llama cos/sin tables [B or 1, T, D] at random positions (shared: one row for all sequences)."""
+    gen = torch.Generator().manual_seed(seed)
+    positions = torch.randint(0, 4096, (1 if shared else batch, steps), generator=gen)
+    inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@interpreted
+@settings(max_examples=30, deadline=None)
+@given(case=attention_cases(), shared=st.booleans())
+def test_the_kernel_rotating_q_equals_the_reference_on_the_rotated_q(case, shared):
+    # With rope_cos/rope_sin the kernel gets q before its rotary embedding and rotates it on
+    # load; the reference rotates it with the model's formula first.
+    from specc.lowering.rotary import rotate_reference
+
+    q, k_cache, v_cache, cache_len, tree_mask = make_inputs(case)
+    batch, _, steps, head_dim = q.shape
+    cos, sin = rotary_tables(batch, steps, head_dim, case["dtype"], case["seed"], shared)
+    scale = head_dim ** -0.5
+    out = run_kernel(q, k_cache, v_cache, case["layer"], cache_len, tree_mask, scale, num_splits=case["num_splits"],
+                     rope_cos=cos, rope_sin=sin)
+    rotated = rotate_reference(q.float(), cos.float(), sin.float()).to(q.dtype)
+    expected = tree_attention_reference(rotated, k_cache, v_cache, case["layer"], cache_len, tree_mask, scale)
+    torch.testing.assert_close(out.float(), expected.float(), **TOLERANCE[case["dtype"]])
+
+
 @interpreted
 @settings(max_examples=20, deadline=None)
 @given(case=attention_cases(max_steps=6, max_cache=200), num_splits=st.sampled_from([3, 7, 9]))

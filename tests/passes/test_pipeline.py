@@ -89,12 +89,13 @@ def test_dump_writes_each_pass_before_after_and_summary(tmp_path):
     program, _ = target_program(compiled)
     folder = program.dump_dir
     assert folder is not None and folder.parent == tmp_path
-    for name in ("01_positions", "02_kv_cache", "03_program_signature"):
+    for name in ("01_positions", "02_kv_cache", "03_rotary_fusion", "04_program_signature"):
         assert (folder / name / "before.txt").read_text() != (folder / name / "after.txt").read_text()
         assert (folder / name / "summary.txt").read_text().strip()
     after = (folder / "02_kv_cache" / "after.txt").read_text()
     assert "torch.ops.specc.tree_attention" in after
     assert "torch._C._nn.scaled_dot_product_attention(" not in after
+    assert "rotation moved into 1 of 1 tree_attention and 1 of 1 kv_write" in (folder / "03_rotary_fusion" / "summary.txt").read_text()
     assert "equivalence" in (folder / "summary.txt").read_text()
 
 
@@ -109,14 +110,14 @@ def test_dump_holds_the_step_graph_and_the_tree_picture(tmp_path):
     compiled = torch.compile(target, backend=specc.backend(draft=draft, tree="chain:3", dump=tmp_path))
     specc.generate(compiled, [[1, 2, 3]], max_new_tokens=4)
     folder = next(tmp_path.iterdir())
-    step = folder / "04_speculative_step"
+    step = folder / "06_speculative_step"
     assert (step / "tree.png").read_bytes()[:4] == b"\x89PNG"
     assert "static tree, 4 nodes, depth 3" in (step / "summary.txt").read_text()
     graph = (step / "graph.txt").read_text()
     # the whole step is one graph: target verify, draft layers, acceptance and commit together
     for op in ("specc.tree_attention", "specc.verify_greedy", "specc.commit_kv", "specc.kv_write"):
         assert op in graph, op
-    assert (folder / "05_prefill" / "graph.txt").exists()
+    assert (folder / "07_prefill" / "graph.txt").exists()
 
 
 def test_equivalence_check_accepts_bf16_rounding_and_refuses_wrong_logits():
