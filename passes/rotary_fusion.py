@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 from specc.lowering import kv_write, tree_attention  # noqa: F401  (registers the ops)
-from specc.passes.graph_utils import calls, example_value
+from specc.passes.graph_utils import RecognitionError, calls, example_value
 from specc.passes.skeleton import LlamaSkeleton
 
 _ADD = (operator.add, torch.add)
@@ -178,6 +178,13 @@ def fuse_rotary_into_attention(gm: fx.GraphModule, skeleton: LlamaSkeleton) -> s
                            "rope_sin": _as_kernel_table(graph, sin, made)}
             fused[name] += 1
     graph.eliminate_dead_code()
+    for node in graph.nodes:  # the invariant: each op rotates at most once, with both tables
+        for target, index, name in sites:
+            if node.op != "call_function" or node.target is not target or "rope_cos" not in node.kwargs:
+                continue
+            if node.kwargs.get("rope_sin") is None or match_rotation(node.args[index]) is not None:
+                raise RecognitionError(node, f"{name} was given rotary tables for an operand that is still rotated, "
+                                             f"or without rope_sin; set SPECC_FUSE_ROTARY=0 and report the model")
     graph.lint()
     gm.recompile()
     layers = len(skeleton.layers)

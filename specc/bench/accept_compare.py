@@ -138,7 +138,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     tree_b = args.tree_b if args.tree_b is not None else args.tree
-    result = compare(load_report(args.a), load_report(args.b), args.tree, tree_b, args.batch)
+    try:
+        result = compare(load_report(args.a), load_report(args.b), args.tree, tree_b, args.batch)
+    except ValueError as error:  # a report without (or with several) such configurations: say which
+        raise SystemExit(f"specc bench compare: {error}") from None
     result["reports"] = [str(args.a), str(args.b)]
     print(summary(result))
     if args.out:

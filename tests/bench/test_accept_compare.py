@@ -86,3 +86,11 @@ def test_the_command_reads_xz_reports_and_writes_the_comparison(tmp_path, capsys
 def test_a_missing_report_says_what_to_give():
     with pytest.raises(FileNotFoundError, match="--out file of a `specc bench spec` run"):
         load_report("/nonexistent/spec.json")
+
+
+def test_the_command_names_the_trees_to_choose_from_without_a_traceback(tmp_path):
+    report = _report({0: [1, 2]}, {0: (None, [2])}, trees=("chain:2", "tuned:64,6"))
+    (tmp_path / "a.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="name one with --tree") as exit_info:
+        main(["bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "a.json")])
+    assert "spec:chain:2:b1, spec:tuned:64,6:b1" in str(exit_info.value)
