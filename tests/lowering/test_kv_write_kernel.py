@@ -148,6 +148,8 @@ def test_kv_write_kernel_source_is_deterministic_and_specialised():
     assert source == kernel_source(head_dim=64, block_t=16)
     assert "HEAD_DIM = tl.constexpr(64)" in source and "BLOCK_T = tl.constexpr(16)" in source
     assert source != kernel_source(head_dim=128, block_t=16)
+    assert "ROPE = tl.constexpr(False)" in source
+    assert "ROPE = tl.constexpr(True)" in kernel_source(head_dim=64, block_t=16, rope=True)
     compile(source, "<kv_write kernel>", "exec")
 
 

@@ -319,6 +319,8 @@ def test_kernel_source_is_deterministic_and_specialised():
     assert "SPLIT_KV = tl.constexpr(False)" in kernel_source(**{**params, "split_kv": False})
     assert "FOLD_MERGE = tl.constexpr(True)" in kernel_source(**params, fold_merge=True)
     assert "FOLD_MERGE = tl.constexpr(False)" in kernel_source(**{**params, "split_kv": False}, fold_merge=True)
+    assert "ROPE = tl.constexpr(False)" in source
+    assert "ROPE = tl.constexpr(True)" in kernel_source(**params, rope=True) == kernel_source(**params, rope=True)
     compile(source, "<tree_attention kernel>", "exec")  # valid Python
 
 
