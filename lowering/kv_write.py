@@ -12,8 +12,9 @@ are written at cache_len + node index; commit later moves the accepted ones into
 The op mutates `cache` in place: Inductor re-inplaces it, so no copy of the cache is made.
 With `rope_cos`/`rope_sin` [B or 1, T, D] (lowering/rotary.py), k is the key projection before
 its rotary embedding, and the op stores rotate(k, cos, sin): the rotated keys are never
-materialised outside the cache. Positions must lie in [0, S). Outside it the two implementations part: the kernel drops the
-write, the reference raises past the end and wraps a negative position. A step from a defined
+materialised outside the cache. Positions must lie in [0, S). Outside it the two
+implementations part: the kernel drops the write, the reference raises past the end and wraps
+a negative position. A step from a defined
 state never produces one (specc.generate starts the CUDA-graph warm-up at cache_len = slots).
 """
 
@@ -38,12 +39,12 @@ def kv_write_reference(cache: torch.Tensor, layer: int, new: torch.Tensor, cache
 @torch.library.custom_op("specc::kv_write", mutates_args=("k_cache", "v_cache"))
 def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
              cache_len: torch.Tensor, rope_cos: torch.Tensor | None = None, rope_sin: torch.Tensor | None = None) -> None:
-    check_rotary(k, rope_cos, rope_sin, "kv_write")
     if k.is_cuda and kernel_enabled():
         from specc.lowering.kv_write_triton import kv_write_triton
 
-        kv_write_triton(k_cache, v_cache, layer, k, v, cache_len, rope_cos, rope_sin)
+        kv_write_triton(k_cache, v_cache, layer, k, v, cache_len, rope_cos, rope_sin)  # checks its arguments
         return
+    check_rotary(k, rope_cos, rope_sin, "kv_write")
     if rope_cos is not None:
         k = rotate_reference(k, rope_cos, rope_sin)
     kv_write_reference(k_cache, layer, k, cache_len)

@@ -9,8 +9,8 @@ K or V): it reads `cache_len[b]` on the device (no host sync, so the launch is C
 and copies a [BLOCK_T, D] tile, casting to the cache's dtype. With ROPE the K programs rotate
 their tile first (lowering/rotary.py), in fp32:
     k'[d] = k[d] cos[d] - k[d + D/2] sin[d]        d < D/2
-    k'[d] = k[d] cos[d] + k[d - D/2] sin[d]        d >= D/2 The source is generated from `KV_WRITE_TEMPLATE` and
-loaded by lowering/codegen.py.
+    k'[d] = k[d] cos[d] + k[d - D/2] sin[d]        d >= D/2
+The source is generated from `KV_WRITE_TEMPLATE` and loaded by lowering/codegen.py.
 """
 
 from __future__ import annotations

@@ -65,12 +65,12 @@ def tree_attention(
     rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    check_rotary(q, rope_cos, rope_sin, "tree_attention")
     if q.is_cuda and kernel_enabled():
         from specc.lowering.tree_attention_triton import tree_attention_triton
 
         return tree_attention_triton(q, k_cache, v_cache, layer, cache_len, tree_mask, scale,
-                                     rope_cos=rope_cos, rope_sin=rope_sin)
+                                     rope_cos=rope_cos, rope_sin=rope_sin)  # checks its arguments
+    check_rotary(q, rope_cos, rope_sin, "tree_attention")
     rotated = q if rope_cos is None else rotate_reference(q, rope_cos, rope_sin).to(q.dtype)
     return tree_attention_reference(rotated, k_cache, v_cache, layer, cache_len, tree_mask, scale)
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specc.models.llama import DecoderLayer, LlamaConfig, RMSNorm, RotaryEmbedding, rotate_half
+from specc.models.llama import DecoderLayer, LlamaConfig, RMSNorm, RotaryEmbedding
 
 KINDS = ("eagle", "eagle3")
 
@@ -263,6 +263,7 @@ class EagleDraft(nn.Module):
         and attends over the cached prefix plus the new tokens under tree_mask [B, T, T].
         With `stacked` (this draft's StackedProjections), q/k/v and gate/up are one GEMM each."""
         import specc.lowering  # noqa: F401  (registers the ops)
+        from specc.lowering.rotary import rotate_reference
         from specc.passes.rotary_fusion import fuse_rotary_default
 
         x = self._input(tokens, features)
@@ -285,9 +286,7 @@ class EagleDraft(nn.Module):
             torch.ops.specc.kv_write(k_cache, v_cache, 0, k, v, cache_len, cos, sin)
             out = torch.ops.specc.tree_attention(q, k_cache, v_cache, 0, cache_len, tree_mask, scale, cos, sin)
         else:
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            q, k = rotate_reference(q, cos, sin), rotate_reference(k, cos, sin)
             torch.ops.specc.kv_write(k_cache, v_cache, 0, k, v, cache_len)
             out = torch.ops.specc.tree_attention(q, k_cache, v_cache, 0, cache_len, tree_mask, scale)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))

@@ -1,4 +1,5 @@
-"""specc/draft/eagle.py: the draft's decode with stacked projections means decode without them."""
+"""specc/draft/eagle.py: the draft's decode with stacked projections means decode without them,
+and rotating inside the ops means rotating before them."""
 
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ def _decode(draft: EagleDraft, stacked: StackedProjections | None, seed: int = 1
 def test_decode_with_stacked_projections_equals_decode_without(kind):
     draft = _draft(kind)
     torch.testing.assert_close(_decode(draft, StackedProjections(draft)), _decode(draft, None), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_rotating_inside_the_ops_equals_decode_rotating_before_them(monkeypatch):
+    # SPECC_FUSE_ROTARY=1 (the default) hands the ops q and k before their rotation, with the
+    # tables; =0 rotates them first. On the references both compute the same operations.
+    draft = _draft("eagle3")
+    monkeypatch.setenv("SPECC_FUSE_ROTARY", "0")
+    unfused = _decode(draft, StackedProjections(draft))
+    monkeypatch.setenv("SPECC_FUSE_ROTARY", "1")
+    assert torch.equal(_decode(draft, StackedProjections(draft)), unfused)
 
 
 def test_refresh_rereads_the_drafts_weights_in_place():

@@ -11,8 +11,7 @@ from torch import fx
 
 import specc
 from specc.generate import target_program
-from specc.lowering.rotary import rotate_half
-from specc.models.llama import LlamaConfig
+from specc.models.llama import LlamaConfig, rotate_half
 from specc.passes.pipeline import causal_mask
 from specc.passes.rotary_fusion import match_rotation
 from tests.models_factory import hf_llama, reference_llama
