@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from specc.lowering.codegen import load_kernel_module, next_power_of_2, render, sources_generated
-from specc.lowering.rotary import batch_stride, check_rotary, kernel_tables
+from specc.lowering.rotary import check_rotary, kernel_tables
 
 
 KV_WRITE_TEMPLATE = '''\
@@ -162,14 +162,11 @@ def kv_write_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, k:
     if steps == 0 or batch == 0:
         return
     block_t = _block_t(steps)
-    rope = rope_cos is not None
-    if rope:
-        rope_cos, rope_sin = kernel_tables(rope_cos, rope_sin)
-    module = load_kernel_module("kv_write", kernel_source(head_dim=head_dim, block_t=block_t, rope=rope))
+    tables, table_strides = kernel_tables(rope_cos, rope_sin, unused=k)
+    module = load_kernel_module("kv_write", kernel_source(head_dim=head_dim, block_t=block_t,
+                                                          rope=rope_cos is not None))
     k_layer, v_layer = k_cache[layer], v_cache[layer]
     grid = (batch * n_kv, -(-steps // block_t), 2)
-    tables = (rope_cos, rope_sin) if rope else (k, k)  # unused without ROPE: any tensors do
-    table_strides = (batch_stride(rope_cos), rope_cos.stride(1)) if rope else (0, 0)
     module.kv_write_kernel[grid](
         k_layer, v_layer, k, v, *tables, cache_len,
         steps, k_layer.shape[2], n_kv,

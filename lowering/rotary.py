@@ -42,14 +42,16 @@ def check_rotary(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | 
         raise ValueError(f"{what}: rotary embedding needs an even head dim; got {head_dim}")
 
 
-def batch_stride(table: torch.Tensor) -> int:
-    """A table's batch stride for the kernels: 0 when one row serves every sequence."""
-    return 0 if table.shape[0] == 1 else table.stride(0)
+def kernel_tables(cos: torch.Tensor | None, sin: torch.Tensor | None,
+                  unused: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int]]:
+    """The kernels' table arguments: ((cos, sin), (batch stride, token stride)).
 
-
-def kernel_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin as the kernels read them: one set of strides for both, the last dimension
-    contiguous (the tables Inductor hands over already are; anything else is copied)."""
-    if cos.stride() == sin.stride() and cos.stride(-1) == 1:
-        return cos, sin
-    return cos.contiguous(), sin.contiguous()
+    Both tables get one set of strides with the last dimension contiguous (the tables Inductor
+    hands over already have it; anything else is copied); the batch stride is 0 when one row
+    serves every sequence. Without tables (None): `unused` twice and zero strides, which a
+    kernel compiled without ROPE never reads."""
+    if cos is None:
+        return (unused, unused), (0, 0)
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return (cos, sin), (0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1))

@@ -44,7 +44,7 @@ import os
 import torch
 
 from specc.lowering.codegen import load_kernel_module, next_power_of_2, render, sources_generated
-from specc.lowering.rotary import batch_stride, check_rotary, kernel_tables
+from specc.lowering.rotary import check_rotary, kernel_tables
 
 LOG2E = 1.4426950408889634
 
@@ -517,8 +517,7 @@ def tree_attention_triton(
 
     check_rotary(q, rope_cos, rope_sin, "tree_attention")
     rope = rope_cos is not None
-    if rope:
-        rope_cos, rope_sin = kernel_tables(rope_cos, rope_sin)
+    tables, table_strides = kernel_tables(rope_cos, rope_sin, unused=q)
 
     if out is None:
         out = torch.empty_like(q)
@@ -556,14 +555,13 @@ def tree_attention_triton(
         o_part, lse_part = out, out[..., 0]
     k_layer, v_layer = k_cache[layer], v_cache[layer]
     module.tree_attention_kernel[(programs, num_splits + 1)](
-        q, k_layer, v_layer, cache_len, mask_bytes, *((rope_cos, rope_sin) if rope else (q, q)), out, o_part, lse_part,
-        counters if fold else cache_len,
+        q, k_layer, v_layer, cache_len, mask_bytes, *tables, out, o_part, lse_part, counters if fold else cache_len,
         float(scale) * LOG2E, min_chunk, steps, num_splits, num_row_tiles, n_kv,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k_layer.stride(0), k_layer.stride(1), k_layer.stride(2),
         v_layer.stride(0), v_layer.stride(1), v_layer.stride(2),
         mask_bytes.stride(0), mask_bytes.stride(1),
-        *((batch_stride(rope_cos), rope_cos.stride(1)) if rope else (0, 0)),
+        *table_strides,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),

@@ -75,7 +75,16 @@ def test_an_odd_head_dim_cannot_be_rotated():
 def test_kernel_tables_share_one_set_of_strides():
     cos = torch.randn(3, 8, 4).transpose(0, 1)  # [8, 3, 4], not contiguous
     sin = torch.randn(8, 3, 4)
-    a, b = kernel_tables(cos, sin)
+    (a, b), strides = kernel_tables(cos, sin, unused=sin)
     assert a.stride() == b.stride() and a.stride(-1) == 1 and torch.equal(a, cos)
+    assert strides == (12, 4)
     same = torch.randn(8, 3, 4)
-    assert kernel_tables(same, sin)[0] is same
+    assert kernel_tables(same, sin, unused=sin)[0][0] is same
+
+
+def test_kernel_tables_give_one_row_for_all_a_zero_batch_stride_and_none_placeholders():
+    one_row = torch.randn(1, 3, 4)
+    assert kernel_tables(one_row, one_row.clone(), unused=one_row)[1] == (0, 4)
+    placeholder = torch.randn(2)
+    (a, b), strides = kernel_tables(None, None, unused=placeholder)
+    assert a is placeholder and b is placeholder and strides == (0, 0)
