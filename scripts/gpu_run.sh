@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One lent-GPU call: install specc, run the GPU tests, the real-model checks and benchmarks.
 # Usage (second of the two model calls in ../shared/GPU.md, carry .gpu2; scripts/gpu_model.sh):
-#   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] [step_diff] [profile] [attention] [step_parts] [variants] [rotary] [tune] ...
+#   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] [step_diff] [profile] [attention] [step_parts] [variants] [rotary] [draftfuse] [linear_bench] [tune] ...
 # STAGE_FROM=~/m/stage runs them with the head gpu_train.sh left there.
 # DRAFT=path measures another head than the shipped one (spec, sampling); UNTRAINED_PROMPTS=0
 # skips the untrained-head rows of spec; SPEC_ARGS adds options (e.g. "--batch-sizes 8,32"). TAG=_x suffixes the gap, step_diff, systems, profile and step_parts files; STEP_PARTS_ARGS for step_parts (e.g. "--parts attention").
 # PROFILE_ARGS='--trees eagle;dynamic:8,8,64 --steps 50' for profile (no inner quotes: the value is split on spaces).
 # variants: VARIANTS="none split merge" (results/2026-12-03b_h200/variant_spec.py: this code and each kernel change undone, side by side).
 # rotary: VARIANTS="unfused rotary" (results/2026-12-03c_h200/variant_spec.py: SPECC_FUSE_ROTARY=0, then the default, side by side).
+# draftfuse: VARIANTS="unfused fused fold" (results/2026-12-03d_h200/variant_spec.py: SPECC_FUSE_DRAFT_LINEAR=0, the default, and fold merge).
+# linear_bench: scripts/fused_linear_bench.py (specc::fused_linear against Inductor + cuBLAS at the draft's shapes).
 # checks: CHECKS_CONFIGS="fp32:eagle;fp32:dynamic:8,8,64" (dtype:tree;...), CHECKS_TOKENS=128.
 # Everything lands under $OUT; the last lines printed are a short table.
 set -uo pipefail
@@ -51,6 +53,10 @@ for job in "$@"; do
               | tee "$OUT/variants.log" | tail -30 ;;
     rotary)  python3 results/2026-12-03c_h200/variant_spec.py "$OUT" ${VARIANTS:-unfused rotary} 2>&1 | grep --line-buffered -v -i warn \
               | tee "$OUT/rotary.log" | grep --line-buffered -E "^(plain|spec|variant|Traceback|[A-Za-z]*Error)" ;;
+    draftfuse) python3 results/2026-12-03d_h200/variant_spec.py "$OUT" ${VARIANTS:-unfused fused} 2>&1 | grep --line-buffered -v -i warn \
+              | tee "$OUT/draftfuse.log" | grep --line-buffered -E "^(plain|spec|variant|Traceback|[A-Za-z]*Error)" ;;
+    linear_bench) python3 scripts/fused_linear_bench.py --out "$OUT/fused_linear.json" 2>&1 | grep --line-buffered -v -i warn \
+              | tee "$OUT/fused_linear.log" | tail -14 ;;
     attention) python3 scripts/attention_modes.py --out "$OUT/attention_modes.json" 2>&1 | tee "$OUT/attention_modes.log" | tail -45 ;;
     step_parts) python3 scripts/step_parts.py --out "$OUT/step_parts${TAG:-}.json" ${STEP_PARTS_ARGS:-} 2>&1 | grep --line-buffered -v -i warn \
               | tee "$OUT/step_parts${TAG:-}.log" | cut -c1-160 | tail -40 ;;

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -201,10 +202,15 @@ class EagleDraft(nn.Module):
         return self.config.vocab_size if self.draft_vocab is None else int(self.draft_vocab.numel())
 
     def proposal_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits the draft proposes from: [..., K] over the draft vocabulary, or [..., V]."""
-        if self.draft_vocab is None:
-            return self.logits(hidden)
-        return F.linear(self.norm(hidden), self._need_shared()["vocab_head"])
+        """Logits the draft proposes from: [..., K] over the draft vocabulary, or [..., V].
+        With SPECC_FUSE_DRAFT_LINEAR (the default) the final norm runs inside the head's GEMM
+        (specc::fused_linear), when hidden has the head's dtype (as in every decode step)."""
+        head = self._need_shared()["lm_head" if self.draft_vocab is None else "vocab_head"]
+        if fuse_draft_linear_default() and hidden.dtype == head.dtype == self.norm.weight.dtype:
+            import specc.lowering  # noqa: F401  (registers the ops)
+
+            return torch.ops.specc.fused_linear(hidden, head, self.norm.weight, self.norm.eps)
+        return F.linear(self.norm(hidden), head)
 
     def proposal_tokens(self, index: torch.Tensor) -> torch.Tensor:
         """Token ids of indices into proposal_logits' last dimension."""
@@ -258,28 +264,42 @@ class EagleDraft(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         stacked: StackedProjections | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Like forward, but writes K/V into the draft cache [1, B, Hkv, S, D] at cache_len + i
         and attends over the cached prefix plus the new tokens under tree_mask [B, T, T].
-        With `stacked` (this draft's StackedProjections), q/k/v and gate/up are one GEMM each."""
+        With `stacked` (this draft's StackedProjections), q/k/v and gate/up are one GEMM each,
+        and with SPECC_FUSE_DRAFT_LINEAR (the default) each GEMM takes its norm, SwiGLU or
+        residual add with it (specc::fused_linear). `rope`: the (cos, sin) of `positions`
+        [B or 1, T, D] when the caller has them (a static tree computes its nodes' once a step)."""
         import specc.lowering  # noqa: F401  (registers the ops)
         from specc.lowering.rotary import rotate_reference
         from specc.passes.rotary_fusion import fuse_rotary_default
 
-        x = self._input(tokens, features)
         layer = self.layer
         attn = layer.self_attn
+        fused = stacked is not None and fuse_draft_linear_default()
+        embed = self._need_shared()["embed"]
+        if fused and embed.dtype == features.dtype:
+            # fc(cat(embed(tokens), features)) with the embedding rows gathered in the GEMM
+            x = torch.ops.specc.fused_linear(features, self.fc.weight, tokens=tokens, embed_weight=embed)
+        else:
+            x = self._input(tokens, features)
         b, t, _ = x.shape
-        h = layer.input_layernorm(x)
         q_size, kv_size = attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim
-        if stacked is None:
+        if fused:
+            norm = layer.input_layernorm
+            qkv = torch.ops.specc.fused_linear(x, stacked.qkv, norm.weight, norm.eps)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        elif stacked is None:
+            h = layer.input_layernorm(x)
             q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
         else:
-            q, k, v = F.linear(h, stacked.qkv).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = F.linear(layer.input_layernorm(x), stacked.qkv).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)
         k = k.view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
         v = v.view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = self.rotary(positions, x.dtype) if rope is None else rope
         scale = attn.head_dim**-0.5
         if fuse_rotary_default():
             # the ops rotate q and k as they load them (passes/rotary_fusion.py does this for the target)
@@ -289,7 +309,14 @@ class EagleDraft(nn.Module):
             q, k = rotate_reference(q, cos, sin), rotate_reference(k, cos, sin)
             torch.ops.specc.kv_write(k_cache, v_cache, 0, k, v, cache_len)
             out = torch.ops.specc.tree_attention(q, k_cache, v_cache, 0, cache_len, tree_mask, scale)
-        x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
+        out = out.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim)
+        if fused:
+            fused_linear = torch.ops.specc.fused_linear
+            x = fused_linear(out, attn.o_proj.weight, residual=x)
+            norm = layer.post_attention_layernorm
+            gate_up = fused_linear(x, stacked.gate_up, norm.weight, norm.eps)
+            return fused_linear(gate_up, layer.mlp.down_proj.weight, gate=True, residual=x)
+        x = x + attn.o_proj(out)
         h = layer.post_attention_layernorm(x)
         if stacked is None:
             return x + layer.mlp(h)
@@ -320,6 +347,15 @@ class EagleDraft(nn.Module):
             raise DraftConfigError("a head is saved with the token counts its draft vocabulary came from; "
                                    "set draft.token_counts first (specc/draft/vocab.py)")
         save_file(own, str(path), metadata={**metadata, **(extra_metadata or {})})
+
+
+def fuse_draft_linear_default() -> bool:
+    """SPECC_FUSE_DRAFT_LINEAR (default 1): the draft layer's GEMMs take their norms, SwiGLU and
+    residual adds with them (specc::fused_linear); 0: Inductor's kernels and cuBLAS."""
+    choice = os.environ.get("SPECC_FUSE_DRAFT_LINEAR", "1")
+    if choice not in ("0", "1"):
+        raise ValueError(f"SPECC_FUSE_DRAFT_LINEAR={choice!r}; use 1 (the default: fused) or 0")
+    return choice == "1"
 
 
 class StackedProjections:

@@ -180,3 +180,69 @@ def test_specc_draft_vocab_counts_the_response_tokens_of_a_data_dir(tmp_path, ca
     loaded = load_draft(tmp_path / "new.safetensors")
     assert loaded.draft_vocab.tolist() == [4, 9]
     assert loaded.token_counts[[1, 2, 3, 4, 9]].tolist() == [0, 0, 0, 3, 3]
+
+
+# ----- the draft layer's fused GEMMs (specc::fused_linear) -------------------------------------
+def _perturbed_draft(kind: str) -> EagleDraft:
+    # norm weights away from their initial ones, so that a norm run without its weight shows
+    draft = _draft(kind, seed=4)
+    with torch.no_grad():
+        for norm in (draft.layer.input_layernorm, draft.layer.post_attention_layernorm, draft.norm):
+            norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape))
+    return draft
+
+
+@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
+def test_decode_with_fused_linears_equals_decode_without(monkeypatch, kind):
+    # SPECC_FUSE_DRAFT_LINEAR=1 (the default) runs q/k/v, o, gate/up and down as
+    # specc::fused_linear with their norms, SwiGLU and residual adds; on the references that is
+    # the same sequence of operations, so the outputs are equal bit for bit.
+    draft = _perturbed_draft(kind)
+    monkeypatch.setenv("SPECC_FUSE_DRAFT_LINEAR", "0")
+    unfused = _decode(draft, StackedProjections(draft))
+    monkeypatch.setenv("SPECC_FUSE_DRAFT_LINEAR", "1")
+    assert torch.equal(_decode(draft, StackedProjections(draft)), unfused)
+
+
+def test_proposal_logits_with_the_fused_norm_equal_the_unfused(monkeypatch):
+    draft = _perturbed_draft("eagle")
+    hidden = torch.randn(2, 3, TINY.hidden_size)
+    monkeypatch.setenv("SPECC_FUSE_DRAFT_LINEAR", "0")
+    unfused = draft.proposal_logits(hidden)
+    monkeypatch.setenv("SPECC_FUSE_DRAFT_LINEAR", "1")
+    assert torch.equal(draft.proposal_logits(hidden), unfused)
+    draft.set_draft_vocab(torch.tensor([1, 5, 9, 40]))
+    fused = draft.proposal_logits(hidden)
+    monkeypatch.setenv("SPECC_FUSE_DRAFT_LINEAR", "0")
+    assert fused.shape == (2, 3, 4) and torch.equal(fused, draft.proposal_logits(hidden))
+
+
+def test_decode_with_given_rotary_tables_equals_decode_computing_them():
+    draft = _draft("eagle3", seed=5)
+    gen = torch.Generator().manual_seed(6)
+    batch, steps = 2, 4
+    tokens = torch.randint(0, TINY.vocab_size, (batch, steps), generator=gen)
+    features = torch.randn(batch, steps, TINY.hidden_size, generator=gen)
+    cache_len = torch.tensor([2, 7])
+    positions = cache_len[:, None] + torch.tensor([0, 1, 1, 2])
+    outs = []
+    for rope in (None, draft.rotary(positions, torch.float32)):
+        k_cache, v_cache = draft.new_cache(batch, 16, torch.float32, "cpu")
+        with torch.no_grad():
+            outs.append(draft.decode(tokens, features, positions, cache_len, causal_mask(batch, steps, "cpu"),
+                                     k_cache, v_cache, StackedProjections(draft), rope=rope))
+    assert torch.equal(outs[0], outs[1])
+    # tables of other positions change the result: decode uses the given ones
+    k_cache, v_cache = draft.new_cache(batch, 16, torch.float32, "cpu")
+    with torch.no_grad():
+        other = draft.decode(tokens, features, positions, cache_len, causal_mask(batch, steps, "cpu"), k_cache,
+                             v_cache, StackedProjections(draft), rope=draft.rotary(positions + 3, torch.float32))
+    assert not torch.allclose(other, outs[0])
+
+
+def test_fuse_draft_linear_switch_refuses_other_values(monkeypatch):
+    from specc.draft.eagle import fuse_draft_linear_default
+
+    monkeypatch.setenv("SPECC_FUSE_DRAFT_LINEAR", "yes")
+    with pytest.raises(ValueError, match="SPECC_FUSE_DRAFT_LINEAR='yes'; use 1"):
+        fuse_draft_linear_default()

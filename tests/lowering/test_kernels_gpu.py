@@ -266,3 +266,69 @@ def test_the_folded_merge_matches_the_reference_replay_after_replay(shape, steps
         for out in outs:
             assert_close_relative(out, expected, dtype)
         assert not module._COUNTERS[q.device].any(), "a counter was left non-zero"
+
+
+# ----- specc::fused_linear at the draft layer's shapes --------------------------------------------
+# (name, N, K, gate, norm, residual, embed): SmolLM2's draft layer (hidden 576, intermediate 1536,
+# q/k/v stacked to 960, the draft vocabulary's 16,384 LM head rows) and two Llama-3-8B GEMMs
+LINEAR_SHAPES = {
+    "fc": (576, 1152, False, False, False, 576),
+    "qkv": (960, 576, False, True, False, 0),
+    "o": (576, 576, False, False, True, 0),
+    "gate_up": (3072, 576, False, True, False, 0),
+    "down": (576, 1536, True, False, True, 0),
+    "lm_head": (16384, 576, False, True, False, 0),
+    "llama3_8b_qkv": (6144, 4096, False, True, False, 0),
+    "llama3_8b_down": (4096, 14336, True, False, True, 0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("rows", [1, 52, 130])
+@pytest.mark.parametrize("shape", list(LINEAR_SHAPES), ids=str)
+def test_fused_linear_kernel_matches_fp64_reference_on_gpu(shape, rows, dtype):
+    from specc.lowering.fused_linear import fused_linear_reference
+    from specc.lowering.fused_linear_triton import fused_linear_triton
+
+    n, k, gate, norm, residual, embed = LINEAR_SHAPES[shape]
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, device="cuda")).to(dtype)
+
+    x = randn(rows, 2 * k if gate else k - embed)
+    weight = randn(n, k, scale=k**-0.5)
+    norm_weight = (1 + randn(k, scale=0.2)) if norm else None
+    res = randn(rows, n) if residual else None
+    tokens = torch.randint(0, 1000, (rows,), generator=gen, device="cuda") if embed else None
+    embed_weight = randn(1000, embed) if embed else None
+    got = fused_linear_triton(x, weight, norm_weight, 1e-5, gate, res, tokens, embed_weight)
+    # the definition in float64, from the same (rounded) inputs
+    double = [t if t is None else t.double() for t in (x, weight, norm_weight, res, embed_weight)]
+    expected = fused_linear_reference(double[0], double[1], double[2], 1e-5, gate, double[3], tokens, double[4])
+    whole, per_row = THRESHOLD[dtype]
+    diff = got.double() - expected
+    error = (diff.norm() / expected.norm()).item()
+    row_error = (diff.norm(dim=-1) / expected.norm(dim=-1).clamp_min(1e-30)).max().item()
+    assert not got.isnan().any()
+    assert error < whole and row_error < per_row, f"relative error {error:.2e} (worst row {row_error:.2e})"
+
+
+def test_fused_linear_replays_in_a_cuda_graph():
+    from specc.lowering.fused_linear import fused_linear_reference
+    from specc.lowering.fused_linear_triton import fused_linear_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(52, 3072, generator=gen, device="cuda").bfloat16()
+    res = torch.randn(52, 576, generator=gen, device="cuda").bfloat16()
+    weight = (torch.randn(576, 1536, generator=gen, device="cuda") / 40).bfloat16()
+    out = fused_linear_triton(x, weight, None, 1e-5, True, res)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_linear_triton(x, weight, None, 1e-5, True, res)
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, generator=gen, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = fused_linear_reference(x.double(), weight.double(), None, 1e-5, True, res.double())
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2

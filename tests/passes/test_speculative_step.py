@@ -195,9 +195,9 @@ def test_level_numbered_trees_draft_over_the_nodes_down_to_each_level_and_get_th
                                                   cache_len[:, None] + depth[None, 1:] - 1, cache_len, mask, *cache)
         return tokens
 
-    def recording_decode(tokens, *args):
+    def recording_decode(tokens, *args, **kwargs):
         calls.append(tokens.shape[1])
-        return draft.decode(tokens, *args)
+        return draft.decode(tokens, *args, **kwargs)
 
     def drafted():
         with torch.no_grad():
