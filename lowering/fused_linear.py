@@ -19,6 +19,15 @@ kernel of its own between two GEMMs (Inductor cannot fuse them into cuBLAS). Wit
 draft layer is four GEMM launches and no pointwise kernels between them: the kernel
 (fused_linear_triton.py) normalises or gates its input tile as it loads it (every program
 reads all K columns of its rows anyway) and adds the residual before it stores.
+
+Measured slower, so the draft does not use it by default (SPECC_FUSE_DRAFT_LINEAR=1 turns it
+on; results/2026-12-03d_h200, H200, bf16): the draft fell from 107 to 80 kernels a step, but
+its 36 fused GEMMs took 407 µs where cuBLAS and Inductor's kernels took about 200, and the
+`tuned:64,6` step rose from 1.348 to 1.596 ms. The kernel is a plain tiled GEMM: it splits N
+only, so N = 576 gives 36 programs that each walk all of K (cuBLAS splits K as well), and its
+SwiGLU prologue is far slower than its arithmetic suggests (the down projection: 23-48 µs,
+against 6-14 µs for the same GEMM without the gate and 4.6 µs for cuBLAS). Its o projection
+with the residual add (2.6-3.1 µs against cuBLAS's 3.0 plus the add) is the one case it wins.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ serves all G query heads (decode is memory-bound). Two modes, chosen from static
   each program counts itself in with an atomic add on its tile's counter, and the last of
   the num_splits + 1 to arrive merges the tile's partials and resets the counter. The prefix
   chunks then hold at least `min_chunk` keys, so a short cache is one chunk and the other
-  chunk programs only count themselves in. Not yet run on a GPU: off by default.
+  chunk programs only count themselves in. Slower than the merge launch on the H200 (BENCHMARKS.md, eighth run; end to end in
+  results/2026-12-03d_h200): off by default.
 - fused (prefill, large batches: the row tiles alone fill the GPU): grid (row tiles x B x Hkv,
   1); each program streams the prefix and then the tree keys through one online softmax (the
   same log-sum-exp merge, done incrementally) and writes the output directly. No scratch, one
@@ -437,7 +438,9 @@ def _num_splits(programs: int, prefix_capacity: int, device: torch.device, waves
 
 def fold_merge_default() -> bool:
     """SPECC_ATTENTION_MERGE=fold: split attention merges in the tile's last program (one
-    launch) instead of a merge kernel. Off by default until it has run on a GPU."""
+    launch) instead of a merge kernel. Off by default: its GPU tests pass, but plain decode ran
+    at 943 tokens/s with it against 1,070-1,072 without (results/2026-12-03d_h200, H200, on
+    two machines of one kind: not side by side)."""
     choice = os.environ.get("SPECC_ATTENTION_MERGE", "kernel")
     if choice not in ("kernel", "fold"):
         raise ValueError(f"SPECC_ATTENTION_MERGE={choice!r}; use 'kernel' (the default) or 'fold'")

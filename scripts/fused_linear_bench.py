@@ -11,6 +11,9 @@ residual add, the LM head's 16,384 draft-vocabulary rows with the final norm) an
 Each is captured as REPEATS back-to-back calls in one CUDA graph and replayed; the time is the
 median over replays divided by REPEATS (µs per call). The weights stay in L2 across calls, as
 they do across the draft's levels within a step. Prints one line per shape and writes JSON.
+The unfused side is the math compiled on its own, which Inductor may compile differently from
+the whole step (at 52 rows it ran gate/up and the LM head far slower than the step does:
+results/2026-12-03d_h200/README.md); `specc bench profile` gives the step's own kernel times.
 """
 
 from __future__ import annotations

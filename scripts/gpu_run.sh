@@ -8,7 +8,7 @@
 # PROFILE_ARGS='--trees eagle;dynamic:8,8,64 --steps 50' for profile (no inner quotes: the value is split on spaces).
 # variants: VARIANTS="none split merge" (results/2026-12-03b_h200/variant_spec.py: this code and each kernel change undone, side by side).
 # rotary: VARIANTS="unfused rotary" (results/2026-12-03c_h200/variant_spec.py: SPECC_FUSE_ROTARY=0, then the default, side by side).
-# draftfuse: VARIANTS="unfused fused fold" (results/2026-12-03d_h200/variant_spec.py: SPECC_FUSE_DRAFT_LINEAR=0, the default, and fold merge).
+# draftfuse: VARIANTS="unfused fused fold" (results/2026-12-03d_h200/variant_spec.py: SPECC_FUSE_DRAFT_LINEAR=0 (the default), =1, and =1 with the folded attention merge).
 # linear_bench: scripts/fused_linear_bench.py (specc::fused_linear against Inductor + cuBLAS at the draft's shapes).
 # checks: CHECKS_CONFIGS="fp32:eagle;fp32:dynamic:8,8,64" (dtype:tree;...), CHECKS_TOKENS=128.
 # Everything lands under $OUT; the last lines printed are a short table.

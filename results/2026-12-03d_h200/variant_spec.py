@@ -4,8 +4,9 @@ process (run from the repository root on the GPU machine):
     python3 results/2026-12-03d_h200/variant_spec.py OUT_DIR unfused fused [fold]
 
     unfused  SPECC_FUSE_DRAFT_LINEAR=0: the draft's norms, SwiGLU, residual adds and fc input
-             by Inductor's kernels, its GEMMs by cuBLAS, as before this run
-    fused    the default: specc::fused_linear (the GEMMs take their neighbours with them)
+             by Inductor's kernels, its GEMMs by cuBLAS, as before this run (the default now)
+    fused    SPECC_FUSE_DRAFT_LINEAR=1: specc::fused_linear (the GEMMs take their neighbours
+             with them); the default while this ran (165e363), off by default after it
     fold     fused, and SPECC_ATTENTION_MERGE=fold: split attention merges in its last program
              (every attention call, the target's included, so plain decode changes too)
 

@@ -203,7 +203,7 @@ class EagleDraft(nn.Module):
 
     def proposal_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits the draft proposes from: [..., K] over the draft vocabulary, or [..., V].
-        With SPECC_FUSE_DRAFT_LINEAR (the default) the final norm runs inside the head's GEMM
+        With SPECC_FUSE_DRAFT_LINEAR=1 the final norm runs inside the head's GEMM
         (specc::fused_linear), when hidden has the head's dtype (as in every decode step)."""
         head = self._need_shared()["lm_head" if self.draft_vocab is None else "vocab_head"]
         if fuse_draft_linear_default() and hidden.dtype == head.dtype == self.norm.weight.dtype:
@@ -269,8 +269,8 @@ class EagleDraft(nn.Module):
         """Like forward, but writes K/V into the draft cache [1, B, Hkv, S, D] at cache_len + i
         and attends over the cached prefix plus the new tokens under tree_mask [B, T, T].
         With `stacked` (this draft's StackedProjections), q/k/v and gate/up are one GEMM each,
-        and with SPECC_FUSE_DRAFT_LINEAR (the default) each GEMM takes its norm, SwiGLU or
-        residual add with it (specc::fused_linear). `rope`: the (cos, sin) of `positions`
+        and with SPECC_FUSE_DRAFT_LINEAR=1 each GEMM takes its norm, SwiGLU, residual add or
+        token embedding with it (specc::fused_linear; off by default: slower, see there). `rope`: the (cos, sin) of `positions`
         [B or 1, T, D] when the caller has them (a static tree computes its nodes' once a step)."""
         import specc.lowering  # noqa: F401  (registers the ops)
         from specc.lowering.rotary import rotate_reference
@@ -350,11 +350,13 @@ class EagleDraft(nn.Module):
 
 
 def fuse_draft_linear_default() -> bool:
-    """SPECC_FUSE_DRAFT_LINEAR (default 1): the draft layer's GEMMs take their norms, SwiGLU and
-    residual adds with them (specc::fused_linear); 0: Inductor's kernels and cuBLAS."""
-    choice = os.environ.get("SPECC_FUSE_DRAFT_LINEAR", "1")
+    """SPECC_FUSE_DRAFT_LINEAR=1: the draft layer's GEMMs take their norms, SwiGLU, residual adds
+    and fc's embedding gather with them (specc::fused_linear). 0 (the default): Inductor's
+    kernels and cuBLAS, which measured faster (results/2026-12-03d_h200: the fused draft made the
+    H200 step 18% slower, 1.596 against 1.348 ms; lowering/fused_linear.py says why)."""
+    choice = os.environ.get("SPECC_FUSE_DRAFT_LINEAR", "0")
     if choice not in ("0", "1"):
-        raise ValueError(f"SPECC_FUSE_DRAFT_LINEAR={choice!r}; use 1 (the default: fused) or 0")
+        raise ValueError(f"SPECC_FUSE_DRAFT_LINEAR={choice!r}; use 0 (the default: unfused) or 1 (fused)")
     return choice == "1"
 
 

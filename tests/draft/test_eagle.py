@@ -194,7 +194,7 @@ def _perturbed_draft(kind: str) -> EagleDraft:
 
 @pytest.mark.parametrize("kind", ["eagle", "eagle3"])
 def test_decode_with_fused_linears_equals_decode_without(monkeypatch, kind):
-    # SPECC_FUSE_DRAFT_LINEAR=1 (the default) runs q/k/v, o, gate/up and down as
+    # SPECC_FUSE_DRAFT_LINEAR=1 runs fc (with its embedding gather), q/k/v, o, gate/up and down as
     # specc::fused_linear with their norms, SwiGLU and residual adds; on the references that is
     # the same sequence of operations, so the outputs are equal bit for bit.
     draft = _perturbed_draft(kind)
@@ -244,5 +244,5 @@ def test_fuse_draft_linear_switch_refuses_other_values(monkeypatch):
     from specc.draft.eagle import fuse_draft_linear_default
 
     monkeypatch.setenv("SPECC_FUSE_DRAFT_LINEAR", "yes")
-    with pytest.raises(ValueError, match="SPECC_FUSE_DRAFT_LINEAR='yes'; use 1"):
+    with pytest.raises(ValueError, match="SPECC_FUSE_DRAFT_LINEAR='yes'; use 0"):
         fuse_draft_linear_default()
