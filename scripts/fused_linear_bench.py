@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
+from specc.bench.common import graph_us_per_call
 from specc.lowering.fused_linear import fused_linear_reference
 from specc.lowering.fused_linear_triton import default_blocks, fused_linear_triton
 
@@ -41,25 +41,9 @@ TILES = [(16, 64, 4, 3), (16, 128, 4, 3), (32, 128, 4, 3), (64, 128, 4, 3), (16,
 REPEATS = 20
 
 
-def graph_time(fn, replays: int = 30) -> float:
-    """µs per call of fn, from REPEATS calls captured in one CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPEATS):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / REPEATS)
-    return statistics.median(times)
+def graph_time(fn) -> float:
+    """µs per call of fn, from REPEATS calls captured in one CUDA graph (median of 30 replays)."""
+    return graph_us_per_call(fn, calls=REPEATS, replays=30)
 
 
 def main() -> None:
