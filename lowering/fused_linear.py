@@ -25,9 +25,12 @@ on; results/2026-12-03d_h200, H200, bf16): the draft fell from 107 to 80 kernels
 its 36 fused GEMMs took 407 µs where cuBLAS and Inductor's kernels took about 200, and the
 `tuned:64,6` step rose from 1.348 to 1.596 ms. The kernel is a plain tiled GEMM: it splits N
 only, so N = 576 gives 36 programs that each walk all of K (cuBLAS splits K as well), and its
-SwiGLU prologue is far slower than its arithmetic suggests (the down projection: 23-48 µs,
-against 6-14 µs for the same GEMM without the gate and 4.6 µs for cuBLAS). Its o projection
-with the residual add (2.6-3.1 µs against cuBLAS's 3.0 plus the add) is the one case it wins.
+SwiGLU prologue makes the down projection 23-48 µs, against 6-14 µs for the same GEMM without
+the gate and 4.6 µs for cuBLAS. A likely reason, from the PTX (sm_90, compiled offline, not
+timed): each of the 36 column programs recomputes the gate for all of its rows and all of K.
+With 52 rows in a 64-row tile, that is 768 sigmoids per thread, each with an IEEE fp32 division
+(tl.sigmoid's). That is 36 times the work of gating once. The o projection with the residual
+add (2.6-3.1 µs against cuBLAS's 3.0 plus the add) is the one case it wins.
 """
 
 from __future__ import annotations
