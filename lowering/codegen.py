@@ -18,9 +18,15 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
+
 _SOURCES: dict[str, str] = {}  # "<name>_<hash>" -> source, in generation order
 _MODULES: dict[tuple[str, bool], object] = {}  # ("<name>_<hash>", interpreted?) -> module
 _LOCK = threading.Lock()
+
+
+# torch dtype -> its name in triton.language, for the templates' `tl.<name>` and dot precision
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def kernel_cache_dir() -> Path:

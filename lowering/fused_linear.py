@@ -38,10 +38,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from specc.lowering.codegen import DTYPE_NAMES
 from specc.lowering.registry import kernel_enabled
 from specc.models.llama import rms_norm
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = tuple(DTYPE_NAMES)  # the kernels' dtypes
 
 
 def fused_linear_reference(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,

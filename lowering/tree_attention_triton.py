@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
-from specc.lowering.codegen import load_kernel_module, next_power_of_2, render, sources_generated
+from specc.lowering.codegen import DTYPE_NAMES, load_kernel_module, next_power_of_2, render, sources_generated
+from specc.lowering.registry import env_choice
 from specc.lowering.rotary import check_rotary, kernel_tables
 
 LOG2E = 1.4426950408889634
@@ -303,7 +303,6 @@ def _merge_rows(num_parts: int, head_dim: int) -> int:
     fit = max(1, _MERGE_VALUES // (num_parts * max(16, next_power_of_2(head_dim))))
     return min(_MERGE_ROWS, 1 << (fit.bit_length() - 1))  # the largest power of two <= fit
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def kernel_source(*, head_dim: int, gqa_group: int, dtype: str, block_m: int, block_n: int, split_kv: bool,
@@ -316,8 +315,8 @@ def kernel_source(*, head_dim: int, gqa_group: int, dtype: str, block_m: int, bl
     (with split_kv) merges in the tile's last program instead of a merge kernel; rope rotates q
     on load by the cos/sin tables (lowering/rotary.py).
     """
-    if dtype not in _DTYPE_NAMES.values():
-        raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPE_NAMES.values())}")
+    if dtype not in DTYPE_NAMES.values():
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPE_NAMES.values())}")
     return render(
         TREE_ATTENTION_TEMPLATE,
         head_dim=head_dim,
@@ -441,10 +440,8 @@ def fold_merge_default() -> bool:
     launch) instead of a merge kernel. Off by default: its GPU tests pass, but plain decode ran
     at 943 tokens/s with it against 1,070-1,072 without (results/2026-12-03d_h200, H200, on
     two machines of one kind: not side by side)."""
-    choice = os.environ.get("SPECC_ATTENTION_MERGE", "kernel")
-    if choice not in ("kernel", "fold"):
-        raise ValueError(f"SPECC_ATTENTION_MERGE={choice!r}; use 'kernel' (the default) or 'fold'")
-    return choice == "fold"
+    return env_choice("SPECC_ATTENTION_MERGE", "kernel", {"kernel": "a merge launch",
+                                                          "fold": "the tile's last program merges"}) == "fold"
 
 
 # Per device, the tiles' arrival counters of the folded merge: zero between calls (each call's
@@ -506,7 +503,7 @@ def tree_attention_triton(
             f"q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}: B and D must match "
             f"and Hq ({n_heads}) must be a multiple of Hkv ({n_kv})"
         )
-    if q.dtype not in _DTYPE_NAMES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    if q.dtype not in DTYPE_NAMES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(
             f"tree_attention kernel needs q, k_cache, v_cache of one dtype among fp32/fp16/bf16; "
             f"got {q.dtype}, {k_cache.dtype}, {v_cache.dtype} (cast the cache or set SPECC_KERNELS=reference)"
@@ -546,7 +543,7 @@ def tree_attention_triton(
     module = load_kernel_module(
         "tree_attention",
         kernel_source(
-            head_dim=head_dim, gqa_group=group, dtype=_DTYPE_NAMES[q.dtype], block_m=block_m, block_n=block_n,
+            head_dim=head_dim, gqa_group=group, dtype=DTYPE_NAMES[q.dtype], block_m=block_m, block_n=block_n,
             split_kv=split_kv, fold_merge=fold, rope=rope,
         ),
     )

@@ -20,12 +20,12 @@ SPECC_FUSE_ROTARY=0 turns the pass off (the rotation then stays in Inductor's ke
 from __future__ import annotations
 
 import operator
-import os
 
 import torch
 from torch import fx
 
 from specc.lowering import kv_write, tree_attention  # noqa: F401  (registers the ops)
+from specc.lowering.registry import env_choice
 from specc.passes.graph_utils import RecognitionError, calls, example_value
 from specc.passes.skeleton import LlamaSkeleton
 
@@ -37,10 +37,8 @@ _CAT = (torch.cat, torch.concat, torch.concatenate)
 
 def fuse_rotary_default() -> bool:
     """SPECC_FUSE_ROTARY (default 1): rotate q and k inside the attention ops."""
-    choice = os.environ.get("SPECC_FUSE_ROTARY", "1")
-    if choice not in ("0", "1"):
-        raise ValueError(f"SPECC_FUSE_ROTARY={choice!r}; use 1 (the default: rotate in the kernels) or 0")
-    return choice == "1"
+    return env_choice("SPECC_FUSE_ROTARY", "1", {"1": "rotate in the kernels",
+                                                  "0": "rotate in Inductor's kernels"}) == "1"
 
 
 def _operands(node: fx.Node, functions: tuple, method: str) -> tuple | None:

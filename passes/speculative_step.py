@@ -257,12 +257,13 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
     level_logits = draft.proposal_logits(root_hidden[:, None])  # [B, 1, K] (K = V without a draft vocabulary)
     hidden = None
     # Node i runs at position cache_len + depth[i] - 1 in every forward that includes it, and
-    # the d-th forward runs nodes 1 .. n - 1: one rotary table for all non-root nodes, sliced
-    # per forward, instead of a table kernel per forward (EagleDraft; the tests' oracle draft
-    # computes its own).
+    # the d-th forward runs nodes 1 .. n - 1: positions and one rotary table for all non-root
+    # nodes, sliced per forward, instead of a table kernel per forward (EagleDraft; the tests'
+    # oracle draft computes its own).
+    node_positions = cache_len[:, None] + depth[None, 1:] - 1
     node_rope = None
     if hasattr(draft, "rotary") and depth_max > 1:
-        node_rope = draft.rotary(cache_len[:, None] + depth[None, 1:] - 1, root_hidden.dtype)
+        node_rope = draft.rotary(node_positions, root_hidden.dtype)
     draft_probs = None
     if sampling is not None:
         draft_probs = torch.zeros(batch, n_nodes, draft.config.vocab_size, dtype=torch.float32, device=device)
@@ -291,7 +292,7 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
         else:
             features = torch.cat([root_hidden[:, None], hidden], 1)[:, parents[1:n]]
         rope = {} if node_rope is None else {"rope": (node_rope[0][:, :n - 1], node_rope[1][:, :n - 1])}
-        hidden = draft_decode(tokens[:, 1:], features, cache_len[:, None] + depth[None, 1:n] - 1, cache_len,
+        hidden = draft_decode(tokens[:, 1:], features, node_positions[:, :n - 1], cache_len,
                               tree_mask[1:n, 1:n].expand(batch, n - 1, n - 1), draft_k, draft_v, **rope)
         if plan.level_ordered:
             # the level's nodes are consecutive: a view, where a gather would be a kernel

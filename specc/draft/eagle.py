@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -354,10 +353,9 @@ def fuse_draft_linear_default() -> bool:
     and fc's embedding gather with them (specc::fused_linear). 0 (the default): Inductor's
     kernels and cuBLAS, which measured faster (results/2026-12-03d_h200: the fused draft made the
     H200 step 18% slower, 1.596 against 1.348 ms; lowering/fused_linear.py says why)."""
-    choice = os.environ.get("SPECC_FUSE_DRAFT_LINEAR", "0")
-    if choice not in ("0", "1"):
-        raise ValueError(f"SPECC_FUSE_DRAFT_LINEAR={choice!r}; use 0 (the default: unfused) or 1 (fused)")
-    return choice == "1"
+    from specc.lowering.registry import env_choice
+
+    return env_choice("SPECC_FUSE_DRAFT_LINEAR", "0", {"0": "unfused", "1": "fused"}) == "1"
 
 
 class StackedProjections:
