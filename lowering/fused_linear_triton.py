@@ -182,7 +182,7 @@ def fused_linear_triton(x: torch.Tensor, weight: torch.Tensor, norm_weight: torc
             res2 = res2.contiguous()
     tok, emb = out, weight  # placeholders, never read without EMBED
     if tokens is not None:
-        tok, emb = tokens.reshape(rows), embed_weight
+        tok, emb = tokens.reshape(rows).contiguous(), embed_weight  # the kernel reads tokens[m] at m
         if emb.stride(-1) != 1:
             emb = emb.contiguous()
     block_m, block_n, block_k, warps, stages = blocks or default_blocks(rows, n, k)

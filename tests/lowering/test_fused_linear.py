@@ -139,6 +139,20 @@ def test_the_kernel_keeps_leading_dimensions_and_reads_every_prologue_input():
         assert (got - wrong).abs().max() > 0.1
 
 
+@interpreted
+def test_the_kernel_reads_strided_tokens_at_their_places():
+    # tokens as every other entry of a longer tensor: the kernel must not read them as contiguous
+    from specc.lowering.fused_linear_triton import fused_linear_triton
+
+    gen = torch.Generator().manual_seed(8)
+    tokens = torch.randint(0, 11, (10,), generator=gen)[::2]
+    x, embed_weight = torch.randn(5, 12, generator=gen), torch.randn(11, 20, generator=gen)
+    weight = torch.randn(16, 32, generator=gen)
+    got = fused_linear_triton(x, weight, None, 1e-5, False, None, tokens, embed_weight)
+    torch.testing.assert_close(got, fused_linear_reference(x, weight, None, 1e-5, False, None, tokens, embed_weight),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_the_kernel_source_is_deterministic_and_refuses_bad_tiles():
     from specc.lowering.fused_linear_triton import kernel_source
 
