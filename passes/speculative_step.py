@@ -228,6 +228,18 @@ def _level_order(levels: Sequence[Sequence[int]]) -> list[int]:
     return order
 
 
+def parent_features(root_hidden: torch.Tensor, hidden: torch.Tensor | None, parents: torch.Tensor) -> torch.Tensor:
+    """The feature each node reads, its parent's: root_hidden [B, H] for parent 0, else the
+    previous draft forward's output row parent - 1 of hidden [B, R, H] (None before the first
+    level forward: every node is then a child of the root). [B, len(parents), H].
+    A select between two gathers, not a gather from cat([root_hidden, hidden])."""
+    batch, width = root_hidden.shape
+    if hidden is None:
+        return root_hidden[:, None].expand(batch, parents.shape[0], width)
+    from_hidden = hidden[:, (parents - 1).clamp_min(0)]
+    return torch.where((parents > 0)[None, :, None], from_hidden, root_hidden[:, None])
+
+
 def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token, root_hidden, cache_len, draft_k, draft_v,
                   sampling: Sampling | None = None, seeds=None, *, draft_decode: Callable):
     """Each node's token is the rank-th best of its parent's draft logits; D - 1 draft forwards,
@@ -287,10 +299,7 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
         # are recomputed once their parents are drafted.
         tokens = tokens_down_to(level)
         n = tokens.shape[1]
-        if hidden is None:
-            features = root_hidden[:, None].expand(batch, n - 1, root_hidden.shape[-1])
-        else:
-            features = torch.cat([root_hidden[:, None], hidden], 1)[:, parents[1:n]]
+        features = parent_features(root_hidden, hidden, parents[1:n])
         rope = {} if node_rope is None else {"rope": (node_rope[0][:, :n - 1], node_rope[1][:, :n - 1])}
         hidden = draft_decode(tokens[:, 1:], features, node_positions[:, :n - 1], cache_len,
                               tree_mask[1:n, 1:n].expand(batch, n - 1, n - 1), draft_k, draft_v, **rope)

@@ -1,0 +1,139 @@
+"""Profile the compiled steps of several code variants side by side, in one process (GPU).
+
+    python3 scripts/step_variants.py --out OUT/step_variants.json base where chunk1024 ...
+
+Each variant is a set of switches (VARIANTS below) applied before its engines are compiled:
+its plain step (when the variant can change it) and its `tuned:64,6` step are built as
+`specc.generate` builds them (MT-Bench prompt 0, 32 tokens decoded, cache 2,304 as in
+`specc bench spec`) and profiled over 30 CUDA-graph replays with `specc bench profile`'s
+machinery: kernels per step, kernel time, first-to-last-kernel span, the draft/verify split.
+A variant that leaves plain decode alone reuses the last plain profile. `--dump NAME` also
+keeps Inductor's output code of that variant's steps (OUT/output_code_NAME.tar.xz), to read
+which kernels Inductor made. Prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TREE = "tuned:64,6"
+
+
+def _cat_gather(root_hidden, hidden, parents):
+    # the features gather before this run: a gather from cat([root, hidden])
+    batch, width = root_hidden.shape
+    if hidden is None:
+        return root_hidden[:, None].expand(batch, parents.shape[0], width)
+    return torch.cat([root_hidden[:, None], hidden], 1)[:, parents]
+
+
+def _switches(name: str) -> tuple[dict, bool]:
+    """(the module attributes and Inductor options a variant sets, whether plain decode changes)."""
+    from specc.lowering import topk_triton
+    from specc.passes import speculative_step
+
+    table = {
+        "base": ({(speculative_step, "parent_features"): _cat_gather}, False),
+        "where": ({}, False),
+        "chunk2048": ({(topk_triton, "CHUNK"): 2048}, True),
+        "chunk1024": ({(topk_triton, "CHUNK"): 1024}, True),
+        "combo": ({(torch._inductor.config, "combo_kernels"): True}, True),
+        "cdt": ({(torch._inductor.config, "coordinate_descent_tuning"): True}, True),
+        "combo_chunk1024": ({(torch._inductor.config, "combo_kernels"): True, (topk_triton, "CHUNK"): 1024}, True),
+    }
+    if name not in table:
+        raise SystemExit(f"variant {name!r}: use one of {sorted(table)}")
+    return table[name]
+
+
+def _output_code_files(since: float) -> list[Path]:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    files = [p for p in Path(cache_dir()).rglob("*.py") if p.stat().st_mtime >= since]
+    return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="+")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dump", action="append", default=[], help="variant whose output code to keep")
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+
+    import specc
+    from specc.bench.acceptance_gap import load_model_and_head
+    from specc.bench.end_to_end import load_prompts
+    from specc.bench.step_profile import profile_engine
+    from specc.generate import tree_plan
+
+    if not torch.cuda.is_available():
+        raise SystemExit("scripts/step_variants.py profiles CUDA-graph steps: run it on a GPU")
+    for name in args.variants:
+        _switches(name)  # every name checked before the first compile
+    model, tokenizer, draft, dtype = load_model_and_head(argparse.Namespace(model=None, draft=None, device=None), None)
+    prompt = load_prompts(tokenizer)[1][0]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results, plain = [], None
+    for name in args.variants:
+        switches, changes_plain = _switches(name)
+        saved = {key: getattr(*key) for key in switches}
+        for (owner, attr), value in switches.items():
+            setattr(owner, attr, value)
+        started = time.time()
+        try:
+            rows = {}
+            for tree in (["plain"] if changes_plain or plain is None else []) + [TREE]:
+                torch._dynamo.reset()
+                backend = specc.backend() if tree == "plain" else specc.backend(draft=draft, tree=tree)
+                compiled = torch.compile(model, backend=backend)
+                specc.generate(compiled, [prompt], max_new_tokens=32, max_seq_len=2304)
+                (engine,) = compiled.__dict__["_specc_engines"].values()
+                profile = profile_engine(engine, args.steps, model.config.num_hidden_layers)
+                rows[tree] = {k: profile[k] for k in ("kernels_per_step", "us_per_step", "span_us", "phases",
+                                                      "by_kind", "kernels", "timeline")}
+                del compiled, engine
+            if "plain" in rows:
+                plain = rows["plain"]
+            else:
+                rows["plain"] = {**plain, "reused": True}
+            result = {"variant": name, "seconds": time.time() - started, **rows}
+            results.append(result)
+            spec, base = rows[TREE], rows["plain"]
+            print(f"variant {name}: plain {base['kernels_per_step']:.0f} kernels, span {base['span_us']:.1f} us; "
+                  f"{TREE} {spec['kernels_per_step']:.0f} kernels, span {spec['span_us']:.1f} us "
+                  f"(draft {spec['phases']['draft_kernels']} kernels {spec['phases']['draft_us']:.1f} us); "
+                  f"spec/plain {spec['span_us'] / base['span_us']:.3f} ({time.time() - started:.0f} s)", flush=True)
+            if name in args.dump:
+                files = _output_code_files(started)[:4]
+                subprocess.run(["tar", "-cJf", str(out.parent / f"output_code_{name}.tar.xz"),
+                                *[str(f) for f in files]], check=False)
+        except Exception as error:  # noqa: BLE001  (report it and measure the next variant)
+            import traceback
+
+            traceback.print_exc()
+            print(f"variant {name} failed: {error}", flush=True)
+        finally:
+            for (owner, attr), value in saved.items():
+                setattr(owner, attr, value)
+        out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                   "dtype": str(dtype), "tree": TREE, "results": results}, indent=1))
+    print("\nvariant          plain span us   spec span us   draft us   spec/plain")
+    for r in results:
+        spec, base = r[TREE], r["plain"]
+        print(f"{r['variant']:16s} {base['span_us']:13.1f} {spec['span_us']:14.1f} {spec['phases']['draft_us']:10.1f} "
+              f"{spec['span_us'] / base['span_us']:12.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
