@@ -228,16 +228,9 @@ def _level_order(levels: Sequence[Sequence[int]]) -> list[int]:
     return order
 
 
-def parent_features(root_hidden: torch.Tensor, hidden: torch.Tensor | None, parents: torch.Tensor) -> torch.Tensor:
-    """The feature each node reads, its parent's: root_hidden [B, H] for parent 0, else the
-    previous draft forward's output row parent - 1 of hidden [B, R, H] (None before the first
-    level forward: every node is then a child of the root). [B, len(parents), H].
-    A select between two gathers, not a gather from cat([root_hidden, hidden])."""
-    batch, width = root_hidden.shape
-    if hidden is None:
-        return root_hidden[:, None].expand(batch, parents.shape[0], width)
-    from_hidden = hidden[:, (parents - 1).clamp_min(0)]
-    return torch.where((parents > 0)[None, :, None], from_hidden, root_hidden[:, None])
+# Off only in scripts/step_variants.py's "before" variant, which times the changes side by side.
+GROW_TOKEN_LIST = True
+CONSTANT_CATCH_UP_MASK = True
 
 
 def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token, root_hidden, cache_len, draft_k, draft_v,
@@ -257,12 +250,17 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
     # gathers into the draft forward's first kernel (a scatter would be a kernel of its own).
     # level_tokens[d] holds level d's tokens; cat(level_tokens) lists the nodes level by level.
     level_tokens = [root_token[:, None]]
+    # Level-ordered trees: `listed` is the nodes drafted so far, grown by one level per forward
+    # from the previous forward's list. Concatenating every level afresh made each forward's
+    # first kernel redo all levels' chains of dependent loads (topk rank -> parent slot ->
+    # draft-vocabulary id), a kernel that grew from 2.5 to 5.3 µs with the level on the H200.
+    listed = level_tokens[0]
 
     def tokens_down_to(level: int) -> torch.Tensor:
         # level-ordered trees: the nodes down to `level`; others: every node in node order,
         # those below `level` (not yet drafted) 0
         if plan.level_ordered:
-            return torch.cat(level_tokens, 1)
+            return listed if GROW_TOKEN_LIST else torch.cat(level_tokens, 1)
         unknown = [torch.zeros(batch, len(nodes), dtype=torch.int64, device=device) for nodes in plan.levels[level + 1:]]
         return torch.cat(level_tokens + unknown, 1)[:, const.node_order]
 
@@ -290,6 +288,7 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
             top = gumbel_top_k(q.log(), plan.children_needed(level - 1), seeds, cache_len, parents_here[None])[0]
         top = draft.proposal_tokens(top)
         level_tokens.append(top[:, const.parent_slot[level], const.child_rank[level]])
+        listed = torch.cat([listed, level_tokens[-1]], 1)
         if level == depth_max:
             break
         # The draft forward runs the non-root nodes 1 .. n - 1: each reads its parent's guessed
@@ -299,7 +298,10 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
         # are recomputed once their parents are drafted.
         tokens = tokens_down_to(level)
         n = tokens.shape[1]
-        features = parent_features(root_hidden, hidden, parents[1:n])
+        if hidden is None:
+            features = root_hidden[:, None].expand(batch, n - 1, root_hidden.shape[-1])
+        else:
+            features = torch.cat([root_hidden[:, None], hidden], 1)[:, parents[1:n]]
         rope = {} if node_rope is None else {"rope": (node_rope[0][:, :n - 1], node_rope[1][:, :n - 1])}
         hidden = draft_decode(tokens[:, 1:], features, node_positions[:, :n - 1], cache_len,
                               tree_mask[1:n, 1:n].expand(batch, n - 1, n - 1), draft_k, draft_v, **rope)
@@ -419,6 +421,8 @@ def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree, 
     draft_decode = decoder(draft, stacked)
     sampling = None if sampling is None or sampling.greedy else sampling
     rule = sampling_rule(plan, verify_rule)
+    # made once, as StaticTreeConstants are: built inside the step, Inductor filled it every step
+    catch_up_mask = causal_mask(1, pending_slots, program.device)
     if isinstance(plan, DynamicTree):
         constants = dynamic_candidate_depth(plan, program.device)
         draft_tree = _draft_dynamic
@@ -436,7 +440,8 @@ def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree, 
         draft_len = cache_len - pending_count
         slots = torch.arange(pending_slots, device=device)
         hidden = draft_decode(pending_tokens, pending_feats, draft_len[:, None] + slots[None, :], draft_len,
-                              causal_mask(batch, pending_slots, device), draft_k, draft_v)
+                              catch_up_mask.expand(batch, pending_slots, pending_slots) if CONSTANT_CATCH_UP_MASK
+                              else causal_mask(batch, pending_slots, device), draft_k, draft_v)
         root_hidden = hidden[rows, pending_count - 1]
 
         # 2. draft the tree

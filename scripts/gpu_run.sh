@@ -2,7 +2,7 @@
 # One lent-GPU call: install specc, run the GPU tests, the real-model checks and benchmarks.
 # Usage (second of the two model calls in ../shared/GPU.md, carry .gpu2; scripts/gpu_model.sh):
 #   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] [step_diff] [profile] [attention] [step_parts] [variants] [rotary] [draftfuse] [linear_bench] [step_variants] [tune] ...
-# step_variants: VARIANT_ARGS="base where chunk1024 --dump base" (scripts/step_variants.py: profiles of code variants side by side).
+# step_variants: VARIANT_ARGS="before after --dump after" (scripts/step_variants.py: profiles of code variants side by side).
 # STAGE_FROM=~/m/stage runs them with the head gpu_train.sh left there.
 # DRAFT=path measures another head than the shipped one (spec, sampling); UNTRAINED_PROMPTS=0
 # skips the untrained-head rows of spec; SPEC_ARGS adds options (e.g. "--batch-sizes 8,32"). TAG=_x suffixes the gap, step_diff, systems, profile and step_parts files; STEP_PARTS_ARGS for step_parts (e.g. "--parts attention").
@@ -58,7 +58,7 @@ for job in "$@"; do
               | tee "$OUT/draftfuse.log" | grep --line-buffered -E "^(plain|spec|variant|Traceback|[A-Za-z]*Error)" ;;
     linear_bench) python3 scripts/fused_linear_bench.py --out "$OUT/fused_linear.json" 2>&1 | grep --line-buffered -v -i warn \
               | tee "$OUT/fused_linear.log" | tail -14 ;;
-    step_variants) python3 scripts/step_variants.py --out "$OUT/step_variants.json" ${VARIANT_ARGS:-base where} 2>&1 | grep --line-buffered -v -i warn \
+    step_variants) python3 scripts/step_variants.py --out "$OUT/step_variants.json" ${VARIANT_ARGS:-before after} 2>&1 | grep --line-buffered -v -i warn \
               | tee "$OUT/step_variants.log" | grep --line-buffered -E "^(variant|Traceback|[A-Za-z]*Error| *[a-z_0-9]+ +[0-9])" ;;
     attention) python3 scripts/attention_modes.py --out "$OUT/attention_modes.json" 2>&1 | tee "$OUT/attention_modes.log" | tail -45 ;;
     step_parts) python3 scripts/step_parts.py --out "$OUT/step_parts${TAG:-}.json" ${STEP_PARTS_ARGS:-} 2>&1 | grep --line-buffered -v -i warn \

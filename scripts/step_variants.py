@@ -1,6 +1,6 @@
 """Profile the compiled steps of several code variants side by side, in one process (GPU).
 
-    python3 scripts/step_variants.py --out OUT/step_variants.json base where chunk1024 ...
+    python3 scripts/step_variants.py --out OUT/step_variants.json before after chunk1024 ...
 
 Each variant is a set of switches (VARIANTS below) applied before its engines are compiled:
 its plain step (when the variant can change it) and its `tuned:64,6` step are built as
@@ -27,27 +27,21 @@ import torch
 TREE = "tuned:64,6"
 
 
-def _cat_gather(root_hidden, hidden, parents):
-    # the features gather before this run: a gather from cat([root, hidden])
-    batch, width = root_hidden.shape
-    if hidden is None:
-        return root_hidden[:, None].expand(batch, parents.shape[0], width)
-    return torch.cat([root_hidden[:, None], hidden], 1)[:, parents]
-
-
 def _switches(name: str) -> tuple[dict, bool]:
     """(the module attributes and Inductor options a variant sets, whether plain decode changes)."""
     from specc.lowering import topk_triton
     from specc.passes import speculative_step
 
     table = {
-        "base": ({(speculative_step, "parent_features"): _cat_gather}, False),
-        "where": ({}, False),
+        # base and where (the first call, 68c4d21) timed parent_features, since undone; chunk* and combo ran there too
+        "before": ({(speculative_step, "GROW_TOKEN_LIST"): False,
+                    (speculative_step, "CONSTANT_CATCH_UP_MASK"): False}, False),
+        "after": ({}, False),
+        "aggr": ({(torch._inductor.config, "aggressive_fusion"): True}, True),
         "chunk2048": ({(topk_triton, "CHUNK"): 2048}, True),
         "chunk1024": ({(topk_triton, "CHUNK"): 1024}, True),
         "combo": ({(torch._inductor.config, "combo_kernels"): True}, True),
         "cdt": ({(torch._inductor.config, "coordinate_descent_tuning"): True}, True),
-        "combo_chunk1024": ({(torch._inductor.config, "combo_kernels"): True, (topk_triton, "CHUNK"): 1024}, True),
     }
     if name not in table:
         raise SystemExit(f"variant {name!r}: use one of {sorted(table)}")

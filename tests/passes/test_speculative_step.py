@@ -67,6 +67,36 @@ def test_spec_greedy_equals_plain_on_hf_model_with_named_trees(tree):
     assert spec.tokens == plain.tokens
 
 
+def test_the_catch_up_mask_made_once_drafts_as_the_one_built_every_step(monkeypatch):
+    """The draft's catch-up forward takes a causal mask made once per step function (the
+    default); scripts/step_variants.py's "before" builds it inside every step. Every draft
+    forward of a decode must give the same output either way (a wrong draft mask would keep
+    greedy output equal to plain, and only lower acceptance: so the forwards are compared)."""
+    from specc.passes import speculative_step
+
+    target = hf_llama(SMALL, seed=12)
+    draft = _random_draft(target, SMALL, "eagle3", 7)
+    batch_prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    plain = specc.generate(torch.compile(target, backend=specc.backend()), batch_prompts, max_new_tokens=16, compile=False)
+    real_decoder = speculative_step.decoder
+    outputs = {}
+    for constant in (True, False):
+        monkeypatch.setattr(speculative_step, "CONSTANT_CATCH_UP_MASK", constant)
+        seen = outputs[constant] = []
+
+        def recording_decoder(d, stacked=None, seen=seen):
+            decode = real_decoder(d, stacked)
+            return lambda *args, **kwargs: seen.append(decode(*args, **kwargs)) or seen[-1]
+
+        monkeypatch.setattr(speculative_step, "decoder", recording_decoder)
+        torch._dynamo.reset()
+        spec = specc.generate(torch.compile(target, backend=specc.backend(draft=draft, tree="eagle")),
+                              batch_prompts, max_new_tokens=16, compile=False)
+        assert spec.tokens == plain.tokens
+    assert len(outputs[True]) == len(outputs[False]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(outputs[True], outputs[False]))
+
+
 @pytest.mark.parametrize("tree", [static_tree("chain", depth=5), static_tree("eagle"), static_tree("full", depth=3, branching=3),
                                   [-1, 0, 1, 2, 0, 4, 1, 0],
                                   DynamicTree(top_k=4, depth=5, size=24), DynamicTree(top_k=8, depth=8, size=64)],
@@ -157,11 +187,17 @@ def test_a_draft_vocabulary_narrower_than_the_tree_is_refused_with_what_to_chang
         specc.generate(compiled, [[1, 2, 3]], max_new_tokens=4, compile=False)
 
 
-def test_level_numbered_trees_draft_over_the_nodes_down_to_each_level_and_get_the_same_tree(monkeypatch):
+@pytest.mark.parametrize("grow", [True, False], ids=["grown_list", "cat_per_level"])
+def test_level_numbered_trees_draft_over_the_nodes_down_to_each_level_and_get_the_same_tree(monkeypatch, grow):
     """A tree numbered level by level drafts level d over nodes 1 .. (nodes down to level d);
     any other numbering runs every node each level. Both must draft the same tokens: each
-    node's feature is its parent's output either way, and its ancestors' K/V the same."""
+    node's feature is its parent's output either way, and its ancestors' K/V the same. Both
+    ways of listing a level-ordered tree's tokens (grown by a level per forward, the default;
+    all levels concatenated afresh, scripts/step_variants.py's "before") draft the same."""
+    from specc.passes import speculative_step
     from specc.passes.speculative_step import StaticTreeConstants, _draft_static, decoder
+
+    monkeypatch.setattr(speculative_step, "GROW_TOKEN_LIST", grow)
 
     target = reference_llama(SMALL, seed=4)
     draft = _random_draft(target, SMALL, "eagle3", 6)
