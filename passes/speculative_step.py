@@ -288,7 +288,8 @@ def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token,
             top = gumbel_top_k(q.log(), plan.children_needed(level - 1), seeds, cache_len, parents_here[None])[0]
         top = draft.proposal_tokens(top)
         level_tokens.append(top[:, const.parent_slot[level], const.child_rank[level]])
-        listed = torch.cat([listed, level_tokens[-1]], 1)
+        if plan.level_ordered:  # other trees list their nodes in tokens_down_to's node order
+            listed = torch.cat([listed, level_tokens[-1]], 1)
         if level == depth_max:
             break
         # The draft forward runs the non-root nodes 1 .. n - 1: each reads its parent's guessed

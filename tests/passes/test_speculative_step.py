@@ -86,7 +86,11 @@ def test_the_catch_up_mask_made_once_drafts_as_the_one_built_every_step(monkeypa
 
         def recording_decoder(d, stacked=None, seen=seen):
             decode = real_decoder(d, stacked)
-            return lambda *args, **kwargs: seen.append(decode(*args, **kwargs)) or seen[-1]
+
+            def recorded(*args, **kwargs):
+                seen.append(decode(*args, **kwargs))
+                return seen[-1]
+            return recorded
 
         monkeypatch.setattr(speculative_step, "decoder", recording_decoder)
         torch._dynamo.reset()
