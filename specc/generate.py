@@ -193,7 +193,7 @@ class Engine:
 def tree_plan(tree) -> TreePlan | DynamicTree:
     """A backend's `tree` option: a parents list, a static tree's name from lowering/tree.py
     ("eagle", "chain:5", "full"), "tuned:N,D" (the shipped head's measured-best static tree of N
-    nodes and depth <= D, specc/assets/trees), "dynamic[:top_k,depth,size]", or a TreePlan/DynamicTree."""
+    nodes and depth <= D, specc/assets/trees; "tuned:N,D,TABLE" reads another tune-tree file), "dynamic[:top_k,depth,size]", or a TreePlan/DynamicTree."""
     from specc.lowering.tree import static_tree
 
     if tree is None:
@@ -209,13 +209,19 @@ def tree_plan(tree) -> TreePlan | DynamicTree:
         if name == "chain":
             return TreePlan.from_parents(static_tree("chain", depth=int(arg or 5)))
         if name == "tuned":
-            # "tuned:N,D": the shipped head's tree of N nodes and depth <= D (specc tune-tree)
-            from specc.draft.tree_tuning import tuned_tree
+            # "tuned:N,D": the shipped head's tree of N nodes and depth <= D (specc tune-tree);
+            # "tuned:N,D,TABLE": the same from another `specc tune-tree --out` file
+            from specc.draft.tree_tuning import TUNED_TREES, tuned_tree
 
-            values = [int(v) for v in arg.split(",")] if arg else []
-            if len(values) != 2:
-                raise ValueError(f"tree {tree!r}: give the size and the depth, e.g. 'tuned:48,6'")
-            return TreePlan.from_parents(tuned_tree(*values))
+            fields = arg.split(",", 2) if arg else []
+            try:
+                values = [int(v) for v in fields[:2]]
+            except ValueError:
+                values = []
+            if len(fields) < 2 or len(values) != 2:
+                raise ValueError(f"tree {tree!r}: give the size and the depth, e.g. 'tuned:48,6' "
+                                 f"(or 'tuned:48,6,TABLE.json' for the trees of another tune-tree run)")
+            return TreePlan.from_parents(tuned_tree(*values, fields[2] if len(fields) == 3 else TUNED_TREES))
         return TreePlan.from_parents(static_tree(name))
     return TreePlan.from_parents(list(tree))
 

@@ -13,6 +13,7 @@ import torch
 
 import specc
 from specc.draft.eagle import DraftConfig, EagleDraft
+from specc.draft.tree_tuning import TUNED_TREES
 from specc.models.llama import LlamaConfig
 from tests.models_factory import reference_llama
 from tests.strategies import seeded_weights
@@ -22,6 +23,8 @@ pytestmark = pytest.mark.gpu
 CONFIG = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 PROMPTS = [[5, 17, 300, 2, 41, 9], [99, 3], [7, 7, 7, 120, 450]]
+# a 128-node static tree (the chat-tuned table's largest), wider than any tile of one block
+CHAT_128 = f"tuned:128,6,{TUNED_TREES.with_name('smollm2-135m-instruct-eagle3-chat.json')}"
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,8 @@ def target_and_plain():
     return target, plain
 
 
-@pytest.mark.parametrize("kind, tree", [("eagle3", "eagle"), ("eagle", "dynamic:4,4,16"), ("eagle", "chain:3")])
+@pytest.mark.parametrize("kind, tree", [("eagle3", "eagle"), ("eagle", "dynamic:4,4,16"), ("eagle", "chain:3"),
+                                        ("eagle3", CHAT_128)])
 def test_compiled_spec_with_an_eagle_head_equals_plain_on_the_gpu(target_and_plain, kind, tree):
     target, plain = target_and_plain
     draft = seeded_weights(EagleDraft(DraftConfig.for_target(CONFIG, kind)), 11).attach_to(target).cuda().eval()

@@ -371,7 +371,9 @@ def _tuned_table(path: str) -> dict:
 def tuned_tree(nodes: int, depth: int, path: str | Path = TUNED_TREES) -> list[int]:
     """The parents list of the N-node, depth <= D tree tuned for the shipped head
     (specc/assets/trees/README.md says on what). It suits that head; another head wants its
-    own `specc tune-tree` run."""
+    own `specc tune-tree` run. `path`: the table (a `specc tune-tree --out` file)."""
+    if not Path(path).is_file():
+        raise ValueError(f"no tuned-tree table at {path}; give a `specc tune-tree --out` JSON file")
     report = _tuned_table(str(path))
     for tree in report["trees"]:
         if tree["nodes"] == nodes and tree["depth"] == depth:

@@ -201,3 +201,18 @@ def test_the_shipped_tuned_trees_load_as_plans():
         assert plan.size == tree["nodes"] and plan.max_depth == tree["levels"]
     with pytest.raises(ValueError, match="give the size and the depth"):
         tree_plan("tuned:48")
+
+
+def test_a_tree_option_names_another_tuned_table(tmp_path):
+    from specc.generate import tree_plan
+
+    table = tmp_path / "chat.json"
+    table.write_text('{"trees": [{"nodes": 4, "depth": 2, "paths": [[0], [1], [0, 0]]}]}')
+    plan = tree_plan(f"tuned:4,2,{table}")
+    assert list(plan.parents) == [-1, 0, 0, 1]
+    with pytest.raises(ValueError, match="there are tuned:4,2"):
+        tree_plan(f"tuned:5,2,{table}")
+    with pytest.raises(ValueError, match="no tuned-tree table at"):
+        tree_plan(f"tuned:4,2,{tmp_path / 'missing.json'}")
+    with pytest.raises(ValueError, match="give the size and the depth"):
+        tree_plan(f"tuned:4,x,{table}")
