@@ -213,15 +213,13 @@ def tree_plan(tree) -> TreePlan | DynamicTree:
             # "tuned:N,D,TABLE": the same from another `specc tune-tree --out` file
             from specc.draft.tree_tuning import TUNED_TREES, tuned_tree
 
-            fields = arg.split(",", 2) if arg else []
+            fields = arg.split(",", 2)
             try:
-                values = [int(v) for v in fields[:2]]
+                nodes, depth = (int(v) for v in fields[:2])
             except ValueError:
-                values = []
-            if len(fields) < 2 or len(values) != 2:
                 raise ValueError(f"tree {tree!r}: give the size and the depth, e.g. 'tuned:48,6' "
-                                 f"(or 'tuned:48,6,TABLE.json' for the trees of another tune-tree run)")
-            return TreePlan.from_parents(tuned_tree(*values, fields[2] if len(fields) == 3 else TUNED_TREES))
+                                 f"(or 'tuned:48,6,TABLE.json' for the trees of another tune-tree run)") from None
+            return TreePlan.from_parents(tuned_tree(nodes, depth, fields[2] if len(fields) == 3 else TUNED_TREES))
         return TreePlan.from_parents(static_tree(name))
     return TreePlan.from_parents(list(tree))
 

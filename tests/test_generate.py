@@ -169,11 +169,11 @@ def test_a_fresh_speculative_engine_steps_from_a_state_with_no_negative_cache_po
 def test_speculative_greedy_with_a_128_node_chat_tuned_tree_equals_plain():
     # the chat-tuned table (specc/assets/trees) is the first to hold trees past 64 nodes
     from specc.draft.eagle import DraftConfig, EagleDraft
-    from specc.draft.tree_tuning import TUNED_TREES
+    from specc.draft.tree_tuning import CHAT_TUNED_TREES
     from specc.generate import tree_plan
     from tests.strategies import seeded_weights
 
-    tree = f"tuned:128,6,{TUNED_TREES.with_name('smollm2-135m-instruct-eagle3-chat.json')}"
+    tree = f"tuned:128,6,{CHAT_TUNED_TREES}"
     assert tree_plan(tree).size == 128
     target = reference_llama(SMALL, seed=4)
     draft = seeded_weights(EagleDraft(DraftConfig.for_target(SMALL, "eagle3")), 6).attach_to(target).eval()

@@ -13,7 +13,7 @@ import torch
 
 import specc
 from specc.draft.eagle import DraftConfig, EagleDraft
-from specc.draft.tree_tuning import TUNED_TREES
+from specc.draft.tree_tuning import CHAT_TUNED_TREES
 from specc.models.llama import LlamaConfig
 from tests.models_factory import reference_llama
 from tests.strategies import seeded_weights
@@ -24,7 +24,7 @@ CONFIG = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_
                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 PROMPTS = [[5, 17, 300, 2, 41, 9], [99, 3], [7, 7, 7, 120, 450]]
 # a 128-node static tree (the chat-tuned table's largest), wider than any tile of one block
-CHAT_128 = f"tuned:128,6,{TUNED_TREES.with_name('smollm2-135m-instruct-eagle3-chat.json')}"
+CHAT_128 = f"tuned:128,6,{CHAT_TUNED_TREES}"
 
 
 @pytest.fixture(scope="module")

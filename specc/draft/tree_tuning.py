@@ -360,6 +360,8 @@ def plot_tuning(report: dict, path: str | Path) -> Path | None:
 
 # ----- the shipped head's tuned trees (`tree="tuned:N,D"`) --------------------------------------
 TUNED_TREES = Path(__file__).resolve().parent.parent / "assets" / "trees" / "smollm2-135m-instruct-eagle3.json"
+# the same head's trees tuned on chat (specc/assets/prompts/chat_dev.jsonl), up to 128 nodes
+CHAT_TUNED_TREES = TUNED_TREES.with_name("smollm2-135m-instruct-eagle3-chat.json")
 
 
 @functools.lru_cache(maxsize=8)
