@@ -1,11 +1,12 @@
 # Sourced by scripts/gpu_run.sh and scripts/gpu_train.sh on the lent GPU machine: assemble the
-# real model in ~/m from the carried halves (call 1 copied .gpu1/* to ~/m; this call carries
-# .gpu2), plain (../shared/gpu/split-model) or xz (scripts/split_model_xz.sh), check its sha256,
+# real model in ~/m from the carried parts (the calls before copied .gpu1/* and .gpu1b/* to ~/m;
+# this call carries .gpu2), plain halves (../shared/gpu/split-model) or xz parts
+# (scripts/split_model_xz.sh), check its sha256,
 # install the gguf wheel and specc. Sets GGUF, PYTHONPATH and SPECC_CACHE.
 GGUF=~/m/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f "$GGUF" ]; then
   if [ -f ~/m/model.xz.part1 ]; then
-    cat ~/m/model.xz.part1 .gpu2/model.xz.part2 \
+    cat ~/m/model.xz.part[0-9] .gpu2/model.xz.part[0-9] \
       | python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > "$GGUF"
   else
     cat ~/m/model.part1 .gpu2/model.part2 > "$GGUF"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU call: install specc, run the GPU tests, the real-model checks and benchmarks.
-# Usage (second of the two model calls in ../shared/GPU.md, carry .gpu2; scripts/gpu_model.sh):
+# Usage (the last of the model calls: carry .gpu2; scripts/split_model_xz.sh says the calls before it):
 #   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] [step_diff] [profile] [attention] [step_parts] [variants] [rotary] [draftfuse] [linear_bench] [step_variants] [tune] ...
 # step_variants: VARIANT_ARGS="before after --dump after" (scripts/step_variants.py: profiles of code variants side by side).
 # STAGE_FROM=~/m/stage runs them with the head gpu_train.sh left there.
@@ -30,7 +30,7 @@ for job in "$@"; do
     checks) python3 -c "from specc.bench.gpu_checks import DEFAULT_CONFIGS, run; run(draft_path='${DRAFT:-}' or None, out='$OUT/gpu_checks.json', configs='${CHECKS_CONFIGS:-}' or DEFAULT_CONFIGS, max_new_tokens=${CHECKS_TOKENS:-64})" 2>&1 | tee "$OUT/gpu_checks.log" | tail -25 ;;
     sampling_smoke) python3 -c "import json; from specc.bench.gpu_checks import sampling_smoke; json.dump(sampling_smoke(), open('$OUT/sampling_smoke.json', 'w'), indent=1)" 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/sampling.log" | tail -8 ;;
     plain)  specc bench plain --out "$OUT/plain.json" 2>&1 | tee "$OUT/plain.log" | tail -12 ;;
-    spec)   specc bench spec --out "$OUT/spec.json" --plots "$OUT" --trees "${TREES:-dynamic:8,8,64;eagle;chain:6}" \
+    spec)   specc bench spec --out "$OUT/spec.json" --plots "$OUT" --trees "${TREES:-tuned-chat:64,4;dynamic:8,8,64;eagle;chain:6}" \
               ${DRAFT:+--draft "$DRAFT"} $( [ "${UNTRAINED_PROMPTS:-16}" -gt 0 ] && echo --untrained --untrained-prompts "${UNTRAINED_PROMPTS:-16}" ) \
               --hf-prompts "${HF_PROMPTS:-4}" --max-new-tokens 256 ${SPEC_ARGS:-} 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/spec.log" | tail -30 ;;
     sampling) specc bench sampling --out "$OUT/sampling.json" ${DRAFT:+--draft "$DRAFT"} ${SAMPLING_ARGS:-} 2>&1 | grep --line-buffered -v -i warn \

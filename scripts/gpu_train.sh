@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU call: self-distillation data, then a time-boxed EAGLE-3 training run.
-# Second of the two model calls in ../shared/GPU.md (carry .gpu2; scripts/gpu_model.sh). Under
+# The last of the model calls (carry .gpu2; scripts/split_model_xz.sh says the calls before it). Under
 # $OUT (at most 8 files come back): the best head (bf16 safetensors), the data shards
 # (seqs-*.pt, while they fit), and run.tar (metrics, summary, plots, data recipe and prompts, the log).
 #   GEN_PROMPTS=20000 GEN_SECONDS=150 TRAIN_SECONDS=330 INIT_FROM=specc/assets/draft/...safetensors \

@@ -3,9 +3,10 @@
     python3 scripts/step_variants.py --out OUT/step_variants.json before after chunk1024 ...
 
 Each variant is a set of switches (VARIANTS below) applied before its engines are compiled:
-its plain step (when the variant can change it) and its `tuned:64,6` step are built as
-`specc.generate` builds them (MT-Bench prompt 0, 32 tokens decoded, cache 2,304 as in
-`specc bench spec`) and profiled over 30 CUDA-graph replays with `specc bench profile`'s
+its plain step (when the variant can change it) and its step with the shipped head's batch-1
+tree (`--tree`; default specc.draft.SHIPPED_HEAD_TREES[1]; runs before 2026-12-06 used
+`tuned:64,6`) are built as `specc.generate` builds them (MT-Bench prompt 0, 32 tokens decoded,
+cache 2,304 as in `specc bench spec`) and profiled over 30 CUDA-graph replays with `specc bench profile`'s
 machinery: kernels per step, kernel time, first-to-last-kernel span, the draft/verify split.
 A variant that leaves plain decode alone reuses the last plain profile. `--dump NAME` also
 keeps Inductor's output code of that variant's steps (OUT/output_code_NAME.tar.xz), to read
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-TREE = "tuned:64,6"
+from specc.draft import SHIPPED_HEAD_TREES
+
+TREE = SHIPPED_HEAD_TREES[1]
 
 
 def _switches(name: str) -> tuple[dict, bool]:
@@ -61,7 +64,9 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--dump", action="append", default=[], help="variant whose output code to keep")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--tree", default=TREE, help=f"the speculative step's tree (default {TREE})")
     args = parser.parse_args()
+    tree_name = args.tree
 
     import specc
     from specc.bench.acceptance_gap import load_model_and_head
@@ -86,7 +91,7 @@ def main() -> int:
         started = time.time()
         try:
             rows = {}
-            for tree in (["plain"] if changes_plain or plain is None else []) + [TREE]:
+            for tree in (["plain"] if changes_plain or plain is None else []) + [tree_name]:
                 torch._dynamo.reset()
                 backend = specc.backend() if tree == "plain" else specc.backend(draft=draft, tree=tree)
                 compiled = torch.compile(model, backend=backend)
@@ -102,9 +107,9 @@ def main() -> int:
                 rows["plain"] = {**plain, "reused": True}
             result = {"variant": name, "seconds": time.time() - started, **rows}
             results.append(result)
-            spec, base = rows[TREE], rows["plain"]
+            spec, base = rows[tree_name], rows["plain"]
             print(f"variant {name}: plain {base['kernels_per_step']:.0f} kernels, span {base['span_us']:.1f} us; "
-                  f"{TREE} {spec['kernels_per_step']:.0f} kernels, span {spec['span_us']:.1f} us "
+                  f"{tree_name} {spec['kernels_per_step']:.0f} kernels, span {spec['span_us']:.1f} us "
                   f"(draft {spec['phases']['draft_kernels']} kernels {spec['phases']['draft_us']:.1f} us); "
                   f"spec/plain {spec['span_us'] / base['span_us']:.3f} ({time.time() - started:.0f} s)", flush=True)
             if name in args.dump:
@@ -120,10 +125,10 @@ def main() -> int:
             for (owner, attr), value in saved.items():
                 setattr(owner, attr, value)
         out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                   "dtype": str(dtype), "tree": TREE, "results": results}, indent=1))
+                                   "dtype": str(dtype), "tree": tree_name, "results": results}, indent=1))
     print("\nvariant          plain span us   spec span us   draft us   spec/plain")
     for r in results:
-        spec, base = r[TREE], r["plain"]
+        spec, base = r[tree_name], r["plain"]
         print(f"{r['variant']:16s} {base['span_us']:13.1f} {spec['span_us']:14.1f} {spec['phases']['draft_us']:10.1f} "
               f"{spec['span_us'] / base['span_us']:12.3f}")
     return 0

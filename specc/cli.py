@@ -90,8 +90,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                              "vocabulary; default: the head file's own choice); lossless either way")
     parser.add_argument("--tree", default=None,
                         help='draft tree: "eagle" (the default static tree), "tuned:N,D" (the shipped head\'s '
-                             'measured-best static trees; the default with that head; "tuned:N,D,TABLE.json" reads '
-                             'another tune-tree file), "chain:5", "full", or "dynamic[:top_k,depth,size]"')
+                             'static trees tuned on its training mix), "tuned-chat:N,D" (tuned on chat prompts; '
+                             'with that head the default is tuned-chat:64,4 at batch 1), "tuned:N,D,TABLE.json" '
+                             '(another tune-tree file), "chain:5", "full", or "dynamic[:top_k,depth,size]"')
     parser.add_argument("--verify-rule", choices=["rrs", "q_one"], default=None,
                         help="sampled verification: default the tree's exact rule (rrs on static trees, "
                              "q_one on dynamic); q_one treats draft probabilities as 1")

@@ -193,7 +193,9 @@ class Engine:
 def tree_plan(tree) -> TreePlan | DynamicTree:
     """A backend's `tree` option: a parents list, a static tree's name from lowering/tree.py
     ("eagle", "chain:5", "full"), "tuned:N,D" (the shipped head's measured-best static tree of N
-    nodes and depth <= D, specc/assets/trees; "tuned:N,D,TABLE" reads another tune-tree file), "dynamic[:top_k,depth,size]", or a TreePlan/DynamicTree."""
+    nodes and depth <= D, specc/assets/trees; "tuned-chat:N,D" the same from the table tuned on
+    chat prompts; "tuned:N,D,TABLE" reads another tune-tree file), "dynamic[:top_k,depth,size]",
+    or a TreePlan/DynamicTree."""
     from specc.lowering.tree import static_tree
 
     if tree is None:
@@ -208,18 +210,23 @@ def tree_plan(tree) -> TreePlan | DynamicTree:
             return DynamicTree(*values)
         if name == "chain":
             return TreePlan.from_parents(static_tree("chain", depth=int(arg or 5)))
-        if name == "tuned":
+        if name in ("tuned", "tuned-chat"):
             # "tuned:N,D": the shipped head's tree of N nodes and depth <= D (specc tune-tree);
+            # "tuned-chat:N,D": the same head's tree tuned on chat prompts (specc/assets/trees);
             # "tuned:N,D,TABLE": the same from another `specc tune-tree --out` file
-            from specc.draft.tree_tuning import TUNED_TREES, tuned_tree
+            from specc.draft.tree_tuning import CHAT_TUNED_TREES, TUNED_TREES, tuned_tree
 
             fields = arg.split(",", 2)
             try:
                 nodes, depth = (int(v) for v in fields[:2])
             except ValueError:
-                raise ValueError(f"tree {tree!r}: give the size and the depth, e.g. 'tuned:48,6' "
+                raise ValueError(f"tree {tree!r}: give the size and the depth, e.g. '{name}:48,6' "
                                  f"(or 'tuned:48,6,TABLE.json' for the trees of another tune-tree run)") from None
-            return TreePlan.from_parents(tuned_tree(nodes, depth, fields[2] if len(fields) == 3 else TUNED_TREES))
+            if name == "tuned-chat" and len(fields) == 3:
+                raise ValueError(f"tree {tree!r}: 'tuned-chat:N,D' names the shipped chat-tuned table; "
+                                 f"for another table write 'tuned:N,D,TABLE.json'")
+            table = fields[2] if len(fields) == 3 else CHAT_TUNED_TREES if name == "tuned-chat" else TUNED_TREES
+            return TreePlan.from_parents(tuned_tree(nodes, depth, table))
         return TreePlan.from_parents(static_tree(name))
     return TreePlan.from_parents(list(tree))
 

@@ -35,7 +35,7 @@ def target_and_plain():
 
 
 @pytest.mark.parametrize("kind, tree", [("eagle3", "eagle"), ("eagle", "dynamic:4,4,16"), ("eagle", "chain:3"),
-                                        ("eagle3", CHAT_128)])
+                                        ("eagle3", CHAT_128), ("eagle3", "tuned-chat:64,4")])
 def test_compiled_spec_with_an_eagle_head_equals_plain_on_the_gpu(target_and_plain, kind, tree):
     target, plain = target_and_plain
     draft = seeded_weights(EagleDraft(DraftConfig.for_target(CONFIG, kind)), 11).attach_to(target).cuda().eval()

@@ -48,9 +48,11 @@ import torch
 
 import specc
 from specc.bench.common import WeightsWatch, environment, first_divergence, hf_greedy, mt_bench_first_turns
+from specc.draft import SHIPPED_HEAD_TREES
 from specc.generate import cache_positions_needed, tree_plan
 
-DEFAULT_TREES = ("eagle", "chain:6", "dynamic:8,8,64")
+# the shipped head's batch-1 tree (what `specc generate` uses), then one of each other kind
+DEFAULT_TREES = (SHIPPED_HEAD_TREES[1], "eagle", "chain:6", "dynamic:8,8,64")
 TREE_SEPARATOR = ";"
 WARMUP_TOKENS = 16
 DIVERGENCES_SHOWN = 3

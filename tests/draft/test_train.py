@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import types
 import zlib
 
 import pytest
@@ -244,9 +245,24 @@ def test_train_resume_after_time_budget_equals_uninterrupted_run(tmp_path, batch
     assert losses(done) == losses(whole)
 
 
+class TickingClock:
+    """A clock that reads 0.05 s later at every reading: training's time budget then runs out
+    after the same steps however busy the machine is (on the wall clock, a loaded CPU spent the
+    2 s budget before the rate was measured)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def read(self) -> float:
+        self.now += 0.05
+        return self.now
+
+
 def test_fit_steps_to_time_sets_the_schedule_end_from_the_measured_rate(tmp_path, monkeypatch):
     target = _target()
     sequences = _random_sequences(8, 18, prompt=4, seed=2)
+    clock = TickingClock()
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(monotonic=clock.read, perf_counter=clock.read))
     monkeypatch.setattr(train_module, "FIT_SKIP_STEPS", 2)
     monkeypatch.setattr(train_module, "FIT_PROBE_STEPS", 3)
     monkeypatch.setattr(train_module, "FIT_RESERVE_SECONDS", 0.0)

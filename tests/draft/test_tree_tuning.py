@@ -216,3 +216,32 @@ def test_a_tree_option_names_another_tuned_table(tmp_path):
         tree_plan(f"tuned:4,2,{tmp_path / 'missing.json'}")
     with pytest.raises(ValueError, match="give the size and the depth"):
         tree_plan(f"tuned:4,x,{table}")
+
+
+def test_tuned_chat_names_the_shipped_chat_table():
+    from specc.generate import tree_plan
+
+    import json
+
+    report = json.loads(tree_tuning.CHAT_TUNED_TREES.read_text())
+    for tree in report["trees"]:
+        plan = tree_plan(f"tuned-chat:{tree['nodes']},{tree['depth']}")
+        assert list(plan.parents) == tree_tuning.tuned_tree(tree["nodes"], tree["depth"], tree_tuning.CHAT_TUNED_TREES)
+        assert plan.size == tree["nodes"] and plan.max_depth == tree["levels"]
+    # the two tables tune different trees: the name must pick the chat one, not the default table
+    assert list(tree_plan("tuned-chat:64,4").parents) != list(tree_plan("tuned:64,4").parents)
+    with pytest.raises(ValueError, match="give the size and the depth, e.g. 'tuned-chat:48,6'"):
+        tree_plan("tuned-chat:64")
+    with pytest.raises(ValueError, match="names the shipped chat-tuned table"):
+        tree_plan(f"tuned-chat:64,4,{tree_tuning.TUNED_TREES}")
+    with pytest.raises(ValueError, match="no tuned tree of 65 nodes"):
+        tree_plan("tuned-chat:65,4")
+
+
+def test_every_default_tree_of_the_shipped_head_loads():
+    from specc.draft import SHIPPED_HEAD_TREES
+    from specc.generate import tree_for_batch, tree_plan
+
+    for batch, tree in SHIPPED_HEAD_TREES.items():
+        assert tree_for_batch(SHIPPED_HEAD_TREES, batch) == tree
+        assert tree_plan(tree).size >= 2

@@ -105,8 +105,9 @@ def test_the_catch_up_mask_made_once_drafts_as_the_one_built_every_step(monkeypa
 @pytest.mark.parametrize("tree", [static_tree("chain", depth=5), static_tree("eagle"), static_tree("full", depth=3, branching=3),
                                   [-1, 0, 1, 2, 0, 4, 1, 0],
                                   DynamicTree(top_k=4, depth=5, size=24), DynamicTree(top_k=8, depth=8, size=64),
-                                  tuned_tree(128, 6, CHAT_TUNED_TREES)],
-                         ids=["chain5", "eagle", "full3x3", "numbered-depth-first", "dynamic4x5", "dynamic8x8", "chat128x6"])
+                                  tuned_tree(128, 6, CHAT_TUNED_TREES), tuned_tree(64, 4, CHAT_TUNED_TREES)],
+                         ids=["chain5", "eagle", "full3x3", "numbered-depth-first", "dynamic4x5", "dynamic8x8", "chat128x6",
+                              "chat64x4"])
 def test_oracle_draft_accepts_a_full_path_every_step(tree):
     target = reference_llama(SMALL, seed=2)
     batch_prompts = [[7, 7, 1], [2, 4, 8, 16, 32]]
