@@ -6,8 +6,8 @@ Each variant is a set of switches (VARIANTS below) applied before its engines ar
 its plain step (when the variant can change it) and its step with the shipped head's batch-1
 tree (`--tree`; default specc.draft.SHIPPED_HEAD_TREES[1]; runs before 2026-12-06 used
 `tuned:64,6`) are built as `specc.generate` builds them (MT-Bench prompt 0, 32 tokens decoded,
-cache 2,304 as in `specc bench spec`) and profiled over 30 CUDA-graph replays with `specc bench profile`'s
-machinery: kernels per step, kernel time, first-to-last-kernel span, the draft/verify split.
+cache 2,304 as in `specc bench spec`) and profiled over 30 CUDA-graph replays with
+`specc bench profile`'s machinery: kernels per step, kernel time, first-to-last-kernel span, the draft/verify split.
 A variant that leaves plain decode alone reuses the last plain profile. `--dump NAME` also
 keeps Inductor's output code of that variant's steps (OUT/output_code_NAME.tar.xz), to read
 which kernels Inductor made. Prints a table last.

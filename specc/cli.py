@@ -88,10 +88,12 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-vocab", type=int, default=None, metavar="K",
                         help="the draft proposes from the K tokens its training data used most (0: the whole "
                              "vocabulary; default: the head file's own choice); lossless either way")
+    from specc.draft import SHIPPED_HEAD_TREES
+
     parser.add_argument("--tree", default=None,
                         help='draft tree: "eagle" (the default static tree), "tuned:N,D" (the shipped head\'s '
                              'static trees tuned on its training mix), "tuned-chat:N,D" (tuned on chat prompts; '
-                             'with that head the default is tuned-chat:64,4 at batch 1), "tuned:N,D,TABLE.json" '
+                             f'with that head the default is {SHIPPED_HEAD_TREES[1]} at batch 1), "tuned:N,D,TABLE.json" '
                              '(another tune-tree file), "chain:5", "full", or "dynamic[:top_k,depth,size]"')
     parser.add_argument("--verify-rule", choices=["rrs", "q_one"], default=None,
                         help="sampled verification: default the tree's exact rule (rrs on static trees, "

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import specc
+from specc.draft.tree_tuning import CHAT_TUNED_TREES
 from specc.models.llama import LlamaConfig
 from tests.models_factory import hf_llama, reference_llama
 from tests.strategies import llama_configs, prompts
@@ -166,17 +167,15 @@ def test_a_fresh_speculative_engine_steps_from_a_state_with_no_negative_cache_po
     assert written and min(written) >= 0, written
 
 
-@pytest.mark.parametrize("tree, size", [("chat-table:128,6", 128), ("tuned-chat:64,4", 64)])
+# the chat-tuned table (specc/assets/trees) is the first to hold trees past 64 nodes (named here
+# by its path); its 64-node, depth-4 tree is the shipped head's batch-1 default
+@pytest.mark.parametrize("tree, size", [(f"tuned:128,6,{CHAT_TUNED_TREES}", 128), ("tuned-chat:64,4", 64)],
+                         ids=["chat-table-path-128x6", "tuned-chat-64x4"])
 def test_speculative_greedy_with_a_chat_tuned_tree_equals_plain(tree, size):
-    # the chat-tuned table (specc/assets/trees) is the first to hold trees past 64 nodes; its
-    # 64-node, depth-4 tree is the shipped head's batch-1 default (specc.draft.SHIPPED_HEAD_TREES)
     from specc.draft.eagle import DraftConfig, EagleDraft
-    from specc.draft.tree_tuning import CHAT_TUNED_TREES
     from specc.generate import tree_plan
     from tests.strategies import seeded_weights
 
-    if tree.startswith("chat-table:"):  # the same table named by its path
-        tree = f"tuned:{tree.partition(':')[2]},{CHAT_TUNED_TREES}"
     assert tree_plan(tree).size == size
     target = reference_llama(SMALL, seed=4)
     draft = seeded_weights(EagleDraft(DraftConfig.for_target(SMALL, "eagle3")), 6).attach_to(target).eval()
