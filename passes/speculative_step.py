@@ -228,9 +228,11 @@ def _level_order(levels: Sequence[Sequence[int]]) -> list[int]:
     return order
 
 
-# Off only in scripts/step_variants.py's "before" variant, which times the changes side by side.
+# Off only in scripts/step_variants.py's variants that time these changes side by side
+# ("before": the first two; "statecopies": the third).
 GROW_TOKEN_LIST = True
 CONSTANT_CATCH_UP_MASK = True
+ADVANCE_STATE_OP = True
 
 
 def _draft_static(draft, plan: TreePlan, const: StaticTreeConstants, root_token, root_hidden, cache_len, draft_k, draft_v,
@@ -424,6 +426,7 @@ def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree, 
     rule = sampling_rule(plan, verify_rule)
     # made once, as StaticTreeConstants are: built inside the step, Inductor filled it every step
     catch_up_mask = causal_mask(1, pending_slots, program.device)
+    state_op = ADVANCE_STATE_OP
     if isinstance(plan, DynamicTree):
         constants = dynamic_candidate_depth(plan, program.device)
         draft_tree = _draft_dynamic
@@ -463,13 +466,20 @@ def make_spec_step(program: TargetProgram, draft, plan: TreePlan | DynamicTree, 
                 tree_tokens, parents, target_probs, target_probs if draft_probs is None else draft_probs,
                 seeds, cache_len, plan.max_depth, rule)
 
-        # 4. commit: the accepted path's K/V moves to cache_len + j, the root included
+        # 4. commit: the accepted path's K/V moves to cache_len + j, the root included; then the
+        # next step's state in one launch (specc::advance_state; it moves cache_len, so it runs
+        # after commit_kv has read it). pending_count = accept_len + 1 is also the step's n_out.
         torch.ops.specc.commit_kv(k_cache, v_cache, cache_len, path, accept_len)
-        pending_feats.copy_(path_features(draft, final_hidden, layers, path).to(pending_feats.dtype))
-        pending_tokens.copy_(out_tokens.clamp_min(0))
-        pending_count.copy_(accept_len + 1)
-        tokens.copy_(out_tokens[rows, accept_len][:, None])
-        cache_len.add_(accept_len + 1)
-        return out_tokens, accept_len + 1
+        features = path_features(draft, final_hidden, layers, path)
+        if not state_op:
+            pending_feats.copy_(features.to(pending_feats.dtype))
+            pending_tokens.copy_(out_tokens.clamp_min(0))
+            pending_count.copy_(accept_len + 1)
+            tokens.copy_(out_tokens[rows, accept_len][:, None])
+            cache_len.add_(accept_len + 1)
+            return out_tokens, accept_len + 1
+        torch.ops.specc.advance_state(tokens, cache_len, out_tokens, accept_len,
+                                      pending_tokens, pending_count, pending_feats, features)
+        return out_tokens, pending_count
 
     return spec_step

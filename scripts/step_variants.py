@@ -33,13 +33,19 @@ TREE = SHIPPED_HEAD_TREES[1]
 def _switches(name: str) -> tuple[dict, bool]:
     """(the module attributes and Inductor options a variant sets, whether plain decode changes)."""
     from specc.lowering import topk_triton
-    from specc.passes import speculative_step
+    from specc.passes import decode_step, speculative_step
 
     table = {
         # base and where (the first call, 68c4d21) timed parent_features, since undone; chunk* and combo ran there too
         "before": ({(speculative_step, "GROW_TOKEN_LIST"): False,
                     (speculative_step, "CONSTANT_CATCH_UP_MASK"): False}, False),
         "after": ({}, False),
+        # 2026-12-06b: plain decode's mask built inside the step (a fill kernel per layer), and
+        # the step's state written by five Inductor kernels instead of specc::advance_state
+        "plainmask": ({(decode_step, "CONSTANT_PLAIN_MASK"): False}, True),
+        "statecopies": ({(decode_step, "ADVANCE_STATE_OP"): False, (speculative_step, "ADVANCE_STATE_OP"): False}, True),
+        "unfused": ({(decode_step, "CONSTANT_PLAIN_MASK"): False, (decode_step, "ADVANCE_STATE_OP"): False,
+                     (speculative_step, "ADVANCE_STATE_OP"): False}, True),
         "aggr": ({(torch._inductor.config, "aggressive_fusion"): True}, True),
         "chunk2048": ({(topk_triton, "CHUNK"): 2048}, True),
         "chunk1024": ({(topk_triton, "CHUNK"): 1024}, True),

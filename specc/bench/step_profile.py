@@ -32,7 +32,7 @@ from specc.bench.common import environment
 # feeds specc::kv_write is "triton_poi_fused_..._kv_write_..." and is Inductor's, not specc's.
 GEMM_PATTERNS = ("gemm", "gemv", "cutlass", "xmma", "cublas", "nvjet", "sm90_", "sm80_", "aten::mm", "aten::addmm", "aten::bmm")
 SPECC_PATTERNS = ("tree_attention", "kv_write", "verify_greedy", "verify_sampling", "commit_kv", "select_tree",
-                  "topk_chunks", "topk_merge", "specc::")
+                  "topk_chunks", "topk_merge", "advance_state", "specc::")
 
 
 def kernel_kind(name: str) -> str:

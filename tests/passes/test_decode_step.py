@@ -1,0 +1,59 @@
+"""The compiled plain decode step: what Inductor makes of it (CPU)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import specc
+from specc.generate import target_program
+from specc.models.llama import LlamaConfig
+from specc.passes.decode_step import Sampling, make_plain_step
+from tests.models_factory import reference_llama
+
+
+def _top_level_arguments(call: str) -> list[str]:
+    """The comma-separated arguments of `name(a, f(b, c), d)`, nested calls kept whole."""
+    inner = call[call.index("(") + 1:]
+    arguments, depth, current = [], 0, ""
+    for char in inner:
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            if depth == 0:
+                break
+            depth -= 1
+        if char == "," and depth == 0:
+            arguments.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return arguments + [current.strip()]
+
+
+def test_every_layer_of_the_plain_step_reads_one_mask_input():
+    """The one-token mask is a graph input shared by every layer's attention. Built inside the
+    step, Inductor refilled a mask buffer before each layer's attention: a kernel per layer
+    (30 a step on the real model)."""
+    torch._dynamo.reset()
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    program, _ = target_program(torch.compile(reference_llama(config, 5), backend=specc.backend()))
+    step = torch.compile(make_plain_step(program, Sampling()), fullgraph=True, dynamic=False)
+    k_cache, v_cache = program.new_cache(2, 16)
+    tokens = torch.tensor([[3], [7]])
+    cache_len = torch.tensor([4, 6])
+    with torch.no_grad():
+        _, codes = run_and_get_code(step, tokens, cache_len, k_cache, v_cache, torch.zeros(2, dtype=torch.int64))
+    calls = [line for code in codes for line in code.splitlines() if "torch.ops.specc.tree_attention.default(" in line]
+    assert len(calls) == config.num_hidden_layers
+    masks = {_top_level_arguments(line.split("torch.ops.specc.tree_attention.default", 1)[1])[5] for line in calls}
+    assert len(masks) == 1, f"each layer's attention reads its own mask buffer: {sorted(masks)}"
+    # an input, or a view of one (the batch expand): reinterpret_tensor(argN_1, ...)
+    assert re.fullmatch(r"(reinterpret_tensor\()?arg\d+_1\b.*", masks.pop()), "the mask is computed inside the step"
+    # the step's state in one op, after the last layer
+    source = "\n".join(codes)
+    assert source.count("torch.ops.specc.advance_state.default(") == 1
+    assert tokens.tolist() != [[3], [7]] and cache_len.tolist() == [5, 7]
