@@ -111,7 +111,9 @@ def make_plain_step(program: TargetProgram, sampling: Sampling) -> Callable:
             cache_len.add_(1)
             return chosen[:, None], torch.ones_like(cache_len)
         # tokens <- chosen, cache_len += 1, in one launch (a plain step accepts 0 nodes past its root)
-        torch.ops.specc.advance_state(tokens, cache_len, chosen[:, None], zeros.expand(batch))
+        # every argument positionally: torch 2.11's fake-tensor call of an op with optional
+        # mutated arguments indexes them in the positional tuple (IndexError when left out)
+        torch.ops.specc.advance_state(tokens, cache_len, chosen[:, None], zeros.expand(batch), None, None, None, None)
         return chosen[:, None], ones.expand(batch)
 
     return plain_step
