@@ -82,38 +82,28 @@ def make_prefill(program: TargetProgram) -> Callable:
     return prefill
 
 
-# Off only in scripts/step_variants.py's variants that time these changes side by side
-# ("plainmask": the first; "statecopies": the second).
-CONSTANT_PLAIN_MASK = True
-ADVANCE_STATE_OP = True
+# Off only in scripts/step_variants.py's "plainmask" and "unfused" variants, which time it.
+CONSTANT_PLAIN_TENSORS = True
 
 
 def make_plain_step(program: TargetProgram, sampling: Sampling) -> Callable:
-    # Made once, outside the traced step. The one-token mask: built inside the step
-    # (torch.ones), Inductor refilled a mask buffer before every layer's attention, a kernel
-    # per layer (30 a step on SmolLM2, 0.86 µs each on an H100). The step's n_out (always 1)
-    # and accept length (always 0): a fill kernel each.
+    # The one-token mask and the step's n_out (always 1) are made once, outside the traced step.
+    # Built inside it, Inductor refilled a mask buffer before every layer's attention: a kernel
+    # per layer, 30 a step on SmolLM2, 26.3 µs of kernels and 14.0 µs of launch gaps in a
+    # 994.8 µs step on an H100 (results/2026-12-06b_h100); n_out was one fill kernel more.
     one_mask = torch.ones(1, 1, 1, dtype=torch.bool, device=program.device)
-    ones = torch.ones(1, dtype=torch.int64, device=program.device)
-    zeros = torch.zeros(1, dtype=torch.int64, device=program.device)
-    constant_mask, state_op = CONSTANT_PLAIN_MASK, ADVANCE_STATE_OP
+    one_each = torch.ones(1, dtype=torch.int64, device=program.device)
+    constant = CONSTANT_PLAIN_TENSORS
 
     def plain_step(tokens, cache_len, k_cache, v_cache, seeds):
         batch = tokens.shape[0]
         positions = cache_len[:, None]
-        mask = one_mask.expand(batch, 1, 1) if constant_mask else torch.ones(batch, 1, 1, dtype=torch.bool,
-                                                                               device=tokens.device)
+        mask = one_mask.expand(batch, 1, 1) if constant else torch.ones(batch, 1, 1, dtype=torch.bool, device=tokens.device)
         logits = program(tokens, positions, cache_len, mask, k_cache, v_cache)[0][:, -1]
         # the counter is the position of the token being drawn: unique per request and step
         chosen = choose_tokens(logits, sampling, seeds, cache_len + 1)
-        if not state_op:
-            tokens.copy_(chosen[:, None])
-            cache_len.add_(1)
-            return chosen[:, None], torch.ones_like(cache_len)
-        # tokens <- chosen, cache_len += 1, in one launch (a plain step accepts 0 nodes past its root)
-        # every argument positionally: torch 2.11's fake-tensor call of an op with optional
-        # mutated arguments indexes them in the positional tuple (IndexError when left out)
-        torch.ops.specc.advance_state(tokens, cache_len, chosen[:, None], zeros.expand(batch), None, None, None, None)
-        return chosen[:, None], ones.expand(batch)
+        tokens.copy_(chosen[:, None])
+        cache_len.add_(1)
+        return chosen[:, None], one_each.expand(batch) if constant else torch.ones_like(cache_len)
 
     return plain_step

@@ -229,7 +229,7 @@ def _level_order(levels: Sequence[Sequence[int]]) -> list[int]:
 
 
 # Off only in scripts/step_variants.py's variants that time these changes side by side
-# ("before": the first two; "statecopies": the third).
+# ("before": the first two; "statecopies" and "unfused": the third).
 GROW_TOKEN_LIST = True
 CONSTANT_CATCH_UP_MASK = True
 ADVANCE_STATE_OP = True

@@ -39,18 +39,13 @@ def _switches(name: str) -> tuple[dict, bool]:
         # base and where (the first call, 68c4d21) timed parent_features, since undone; chunk* and combo ran there too
         "before": ({(speculative_step, "GROW_TOKEN_LIST"): False,
                     (speculative_step, "CONSTANT_CATCH_UP_MASK"): False}, False),
-        "after": ({}, False),
-        # 2026-12-06b: plain decode's mask built inside the step (a fill kernel per layer), and
-        # the step's state written by five Inductor kernels instead of specc::advance_state
-        "plainmask": ({(decode_step, "CONSTANT_PLAIN_MASK"): False}, True),
-        "statecopies": ({(decode_step, "ADVANCE_STATE_OP"): False, (speculative_step, "ADVANCE_STATE_OP"): False}, True),
-        "unfused": ({(decode_step, "CONSTANT_PLAIN_MASK"): False, (decode_step, "ADVANCE_STATE_OP"): False,
-                     (speculative_step, "ADVANCE_STATE_OP"): False}, True),
-        "aggr": ({(torch._inductor.config, "aggressive_fusion"): True}, True),
-        "chunk2048": ({(topk_triton, "CHUNK"): 2048}, True),
-        "chunk1024": ({(topk_triton, "CHUNK"): 1024}, True),
-        "combo": ({(torch._inductor.config, "combo_kernels"): True}, True),
-        "cdt": ({(torch._inductor.config, "coordinate_descent_tuning"): True}, True),
+        "after": ({}, True),  # profiles plain too: it may follow a variant that changed it
+        # 2026-12-06b: plain decode's mask and n_out built inside the step (a mask fill kernel
+        # per layer), and the speculative step's state written by Inductor's copies instead of
+        # specc::advance_state; "unfused" is the code before both
+        "plainmask": ({(decode_step, "CONSTANT_PLAIN_TENSORS"): False}, True),
+        "statecopies": ({(speculative_step, "ADVANCE_STATE_OP"): False}, False),
+        "unfused": ({(decode_step, "CONSTANT_PLAIN_TENSORS"): False, (speculative_step, "ADVANCE_STATE_OP"): False}, True),
     }
     if name not in table:
         raise SystemExit(f"variant {name!r}: use one of {sorted(table)}")
