@@ -44,8 +44,13 @@ def _switches(name: str) -> tuple[dict, bool]:
         # per layer), and the speculative step's state written by Inductor's copies instead of
         # specc::advance_state; "unfused" is the code before both
         "plainmask": ({(decode_step, "CONSTANT_PLAIN_TENSORS"): False}, True),
-        "statecopies": ({(speculative_step, "ADVANCE_STATE_OP"): False}, False),
+        "statecopies": ({(speculative_step, "ADVANCE_STATE_OP"): False}, True),  # plain as "after"
         "unfused": ({(decode_step, "CONSTANT_PLAIN_TENSORS"): False, (speculative_step, "ADVANCE_STATE_OP"): False}, True),
+        "aggr": ({(torch._inductor.config, "aggressive_fusion"): True}, True),
+        "chunk2048": ({(topk_triton, "CHUNK"): 2048}, True),
+        "chunk1024": ({(topk_triton, "CHUNK"): 1024}, True),
+        "combo": ({(torch._inductor.config, "combo_kernels"): True}, True),
+        "cdt": ({(torch._inductor.config, "coordinate_descent_tuning"): True}, True),
     }
     if name not in table:
         raise SystemExit(f"variant {name!r}: use one of {sorted(table)}")
