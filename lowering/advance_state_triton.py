@@ -74,9 +74,9 @@ def generated_sources() -> dict[str, str]:
     return sources_generated("advance_state")
 
 
-def _rows(tensor: torch.Tensor) -> torch.Tensor:
-    """tensor [B, P, H] with each sequence's P x H entries contiguous (a copy only if they are not)."""
-    return tensor if tensor.stride(2) == 1 and tensor.stride(1) == tensor.shape[2] else tensor.contiguous()
+def _rows_contiguous(tensor: torch.Tensor) -> bool:
+    """Each sequence's P x H entries of tensor [B, P, H] lie contiguous (the kernel's flat row)."""
+    return tensor.stride(2) == 1 and tensor.stride(1) == tensor.shape[2]
 
 
 def advance_state_triton(tokens: torch.Tensor, cache_len: torch.Tensor, out_tokens: torch.Tensor,
@@ -86,10 +86,11 @@ def advance_state_triton(tokens: torch.Tensor, cache_len: torch.Tensor, out_toke
     batch, slots = out_tokens.shape
     if batch == 0:
         return
-    if pending_feats.stride(2) != 1 or pending_feats.stride(1) != pending_feats.shape[2]:
+    if not _rows_contiguous(pending_feats):
         raise ValueError("advance_state's kernel needs each sequence's pending_feats row contiguous "
                          f"(strides {pending_feats.stride()}); allocate it with torch.zeros(B, P, H)")
-    features = _rows(features)
+    if not _rows_contiguous(features):
+        features = features.contiguous()
     module = load_kernel_module("advance_state", kernel_source(slots=slots, features=slots * features.shape[2]))
     module.advance_state_kernel[(batch,)](
         tokens, cache_len, out_tokens, accept_len,
