@@ -125,14 +125,19 @@ _FORMATS = {
     torch.float16: ("float16", torch.int16, 0x7FFF, 0x7C00),
 }
 
-# Stage 1's chunk: at 4 warps (128 threads) a thread holds 32 int64 keys (64 registers), so
-# the chunk stays in registers; 49152 = 12 * 4096, so SmolLM2's rows have no partial chunk;
-# and stage 2's candidate list stays <= 12 * 64 = 768 keys (one warp, no barriers) for V up to
-# 49152. Checked with Triton 3.6's ptxas for sm_90a only (no GPU timing yet): stage 1 takes
-# 94-96 registers at 4 warps (58-60 at 8), stage 2 30-90 at one warp, no spills, 16-byte
-# loads. A step costs ~CHUNK / threads serial max ops plus a block reduction, k steps in a
-# row: 2048 at 2 warps would halve the serial part for twice the programs and candidates.
-CHUNK = 4096
+# Stage 1's chunk. A program does k serial max reductions over its chunk, each costing about
+# the keys a thread holds plus a reduction across the program's warps (barriers past one warp),
+# so the chunk trades those steps against more programs and a longer stage-2 candidate list.
+# Measured on an H100 (scripts/topk_bench.py, results/2026-12-06c_h100/topk_bench.log, two
+# launches in a CUDA graph, bf16): at the draft's shapes (V = 16,384; 1 to 18 rows; k = 12, 8,
+# 5, 4) 512 entries in one warp took 8.16 / 6.35 / 5.71 / 5.03 µs against 9.67 / 7.70 / 6.06 /
+# 5.35 for 4,096 in four warps (the choice until then); for an argmax (k = 1, V = 49,152) there is
+# one reduction and more programs cost more: 1,024 in one warp took 6.50 µs over 65 rows and
+# 3.60 over one, against 6.78 and 3.77 (512: 6.91 and 3.46). A thread holds 16 or 32 int64
+# keys, no more than in the 4,096 / 4-warp kernel (whose ptxas build for sm_90 had no spills).
+# 49152 = 48 * 1024, so SmolLM2's argmax rows have no partial chunk.
+CHUNK = 512  # k > 1
+ARGMAX_CHUNK = 1024  # k = 1
 _KEYS_PER_THREAD = 32
 
 
@@ -141,9 +146,10 @@ def _num_warps(block: int) -> int:
     return max(1, min(8, block // (32 * _KEYS_PER_THREAD)))
 
 
-def default_chunk(n_cols: int) -> int:
-    """CHUNK, or the row rounded up to a power of two (at least 16) when it is shorter."""
-    return min(CHUNK, max(16, next_power_of_2(n_cols)))
+def default_chunk(n_cols: int, k: int = 2) -> int:
+    """CHUNK (ARGMAX_CHUNK for k = 1), or the row rounded up to a power of two (at least 16)
+    when it is shorter."""
+    return min(ARGMAX_CHUNK if k == 1 else CHUNK, max(16, next_power_of_2(n_cols)))
 
 
 @functools.cache
@@ -183,10 +189,12 @@ def topk_triton(
     k: int,
     *,
     chunk: int | None = None,
+    warps: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same meaning as the reference (the op has checked x and k). chunk: stage 1's chunk
-    (default `default_chunk(V)`; tests pass small ones to get many chunks from short rows).
+    (default `default_chunk(V, k)`; tests pass small ones to get many chunks from short rows).
+    warps: stage 1's warps (default `_num_warps(chunk)`; scripts/topk_bench.py sweeps it).
     out: (values, indices), contiguous [..., k] of x's dtype and int64, to write into (tests
     pass poisoned buffers); allocated when not given."""
     n_cols = x.shape[-1]
@@ -199,7 +207,7 @@ def topk_triton(
             raise ValueError(f"{name} must be contiguous {dtype} {list(shape)}; got {t.dtype} {list(t.shape)}")
     if values.numel() == 0:
         return out
-    chunk = chunk or default_chunk(n_cols)
+    chunk = chunk or default_chunk(n_cols, k)
     source = kernel_source(n_cols=n_cols, k=k, dtype=x.dtype, chunk=chunk)
     _, int_view, _, _ = _FORMATS[x.dtype]
     if x.stride(-1) != 1:
@@ -209,7 +217,7 @@ def topk_triton(
     cand = torch.empty(n_rows, n_chunks, k, dtype=torch.long, device=x.device)
     module = load_kernel_module("topk", source)
     # rows on grid axis 0 (up to 2^31 - 1), chunks on axis 1 (up to 65535 on CUDA)
-    module.topk_chunks_kernel[(n_rows, n_chunks)](bits, cand, bits.stride(0), num_warps=_num_warps(chunk))
+    module.topk_chunks_kernel[(n_rows, n_chunks)](bits, cand, bits.stride(0), num_warps=warps or _num_warps(chunk))
     module.topk_merge_kernel[(n_rows,)](
         cand, bits, values.view(int_view).view(n_rows, k), indices.view(n_rows, k), bits.stride(0),
         num_warps=_num_warps(next_power_of_2(n_chunks * k)),

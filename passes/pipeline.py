@@ -1,6 +1,7 @@
 """The pass pipeline: Dynamo's graph of the model in, the target program out.
 
-    recognise skeleton -> positions input -> cached tree attention -> rotary fusion -> program signature
+    recognise skeleton -> positions input -> cached tree attention -> rotary fusion -> kv-write fusion
+    -> program signature
     -> fused projections (optional, on by default)
     -> equivalence check (the rewritten program against the original graph on the probe)
 
@@ -23,6 +24,7 @@ from torch import fx
 from specc.passes.fused_projections import fuse_parallel_projections, refresh_stacked_weights
 from specc.passes.graph_utils import RecognitionError
 from specc.passes.kv_cache import use_cached_tree_attention
+from specc.passes.kv_write_fusion import fuse_kv_write_into_attention
 from specc.passes.positions import use_position_input
 from specc.passes.program_signature import set_program_signature
 from specc.passes.rotary_fusion import fuse_rotary_into_attention
@@ -32,6 +34,7 @@ REWRITES: list[tuple[str, Callable[[fx.GraphModule, LlamaSkeleton], str]]] = [
     ("positions", use_position_input),
     ("kv_cache", use_cached_tree_attention),
     ("rotary_fusion", fuse_rotary_into_attention),
+    ("kv_write_fusion", fuse_kv_write_into_attention),
     ("program_signature", set_program_signature),
 ]
 FUSION = ("fused_projections", fuse_parallel_projections)
@@ -183,9 +186,11 @@ def build_target_program(gm: fx.GraphModule, example_inputs: list, dump: str | o
 
 
 def _kv_dtype(gm: fx.GraphModule) -> torch.dtype:
+    # the keys written: kv_write's fourth argument, kv_write_attention's second
+    index = {torch.ops.specc.kv_write.default: 3, torch.ops.specc.kv_write_attention.default: 1}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.specc.kv_write.default:
-            value = node.args[3].meta.get("example_value")  # the keys written
+        if node.op == "call_function" and node.target in index:
+            value = node.args[index[node.target]].meta.get("example_value")
             if value is not None:
                 return value.dtype
     raise RecognitionError(None, "no kv_write found after the cache rewrite")

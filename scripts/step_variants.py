@@ -30,6 +30,23 @@ from specc.draft import SHIPPED_HEAD_TREES
 TREE = SHIPPED_HEAD_TREES[1]
 
 
+class _Environment:
+    """A switch owner whose attributes are environment variables (the env_choice switches,
+    read when a step is traced); None unsets one."""
+
+    def __getattr__(self, name: str) -> str | None:
+        return os.environ.get(name)
+
+    def __setattr__(self, name: str, value: str | None) -> None:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+ENV = _Environment()
+
+
 def _switches(name: str) -> tuple[dict, bool]:
     """(the module attributes and Inductor options a variant sets, whether plain decode changes)."""
     from specc.lowering import topk_triton
@@ -49,6 +66,10 @@ def _switches(name: str) -> tuple[dict, bool]:
         "aggr": ({(torch._inductor.config, "aggressive_fusion"): True}, True),
         "chunk2048": ({(topk_triton, "CHUNK"): 2048}, True),
         "chunk1024": ({(topk_triton, "CHUNK"): 1024}, True),
+        # 2026-12-06c: the top-k chunks before scripts/topk_bench.py chose them, and each
+        # layer's K/V written inside its attention launch (SPECC_FUSE_KV_WRITE=1, off by default)
+        "topk4096": ({(topk_triton, "CHUNK"): 4096, (topk_triton, "ARGMAX_CHUNK"): 4096}, True),
+        "kvfused": ({(ENV, "SPECC_FUSE_KV_WRITE"): "1"}, True),
         "combo": ({(torch._inductor.config, "combo_kernels"): True}, True),
         "cdt": ({(torch._inductor.config, "coordinate_descent_tuning"): True}, True),
     }

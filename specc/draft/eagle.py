@@ -273,6 +273,7 @@ class EagleDraft(nn.Module):
         [B or 1, T, D] when the caller has them (a static tree computes its nodes' once a step)."""
         import specc.lowering  # noqa: F401  (registers the ops)
         from specc.lowering.rotary import rotate_reference
+        from specc.passes.kv_write_fusion import fuse_kv_write_default
         from specc.passes.rotary_fusion import fuse_rotary_default
 
         layer = self.layer
@@ -300,14 +301,18 @@ class EagleDraft(nn.Module):
         v = v.view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
         cos, sin = self.rotary(positions, x.dtype) if rope is None else rope
         scale = attn.head_dim**-0.5
-        if fuse_rotary_default():
-            # the ops rotate q and k as they load them (passes/rotary_fusion.py does this for the target)
-            torch.ops.specc.kv_write(k_cache, v_cache, 0, k, v, cache_len, cos, sin)
-            out = torch.ops.specc.tree_attention(q, k_cache, v_cache, 0, cache_len, tree_mask, scale, cos, sin)
-        else:
+        rope_tables = (cos, sin)
+        if not fuse_rotary_default():
             q, k = rotate_reference(q, cos, sin), rotate_reference(k, cos, sin)
-            torch.ops.specc.kv_write(k_cache, v_cache, 0, k, v, cache_len)
-            out = torch.ops.specc.tree_attention(q, k_cache, v_cache, 0, cache_len, tree_mask, scale)
+            rope_tables = (None, None)
+        # the ops rotate q and k as they load them (passes/rotary_fusion.py and kv_write_fusion.py
+        # do the same for the target)
+        if fuse_kv_write_default():
+            out = torch.ops.specc.kv_write_attention(q, k, v, k_cache, v_cache, 0, cache_len, tree_mask, scale,
+                                                     *rope_tables)
+        else:
+            torch.ops.specc.kv_write(k_cache, v_cache, 0, k, v, cache_len, *rope_tables)
+            out = torch.ops.specc.tree_attention(q, k_cache, v_cache, 0, cache_len, tree_mask, scale, *rope_tables)
         out = out.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim)
         if fused:
             fused_linear = torch.ops.specc.fused_linear

@@ -332,3 +332,56 @@ def test_fused_linear_replays_in_a_cuda_graph():
         torch.cuda.synchronize()
         expected = fused_linear_reference(x.double(), weight.double(), None, 1e-5, True, res.double())
         assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("steps", [1, 65, 300])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=str)
+def test_the_kernel_writing_kv_matches_kv_write_then_attention_on_gpu(shape, steps, dtype):
+    # specc::kv_write_attention's launch (WRITE_KV) against the two kernels it replaces: the
+    # caches it leaves (V bit for bit, K within the rotation's rounding) and its output against
+    # float64 attention over those caches; then replayed in a CUDA graph with new cache lengths.
+    from specc.lowering.kv_write_triton import kv_write_triton
+    from specc.lowering.rotary import rotate_reference
+    from specc.lowering.tree_attention_triton import tree_attention_triton
+
+    n_heads, n_kv, head_dim = SHAPES[shape]
+    batch, scale = 2, head_dim**-0.5
+    q, k_cache, v_cache, cache_len, tree_mask = random_case(n_heads, n_kv, head_dim, batch, steps, dtype, seed=21,
+                                                            max_cache=2000)
+    cos, sin = llama_tables(batch, steps, head_dim, dtype, shared=False)
+    k = torch.randn(batch, steps, n_kv, head_dim, device="cuda").transpose(1, 2).to(dtype)
+    v = torch.randn(batch, n_kv, steps, head_dim, device="cuda").to(dtype)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    kv_write_triton(want_k, want_v, 1, k, v, cache_len, cos, sin)
+    out = torch.full_like(q, float("nan"))
+
+    def step():
+        return tree_attention_triton(q, k_cache, v_cache, 1, cache_len, tree_mask, scale, out=out,
+                                     rope_cos=cos, rope_sin=sin, new_kv=(k, v))
+
+    step()
+    torch.cuda.synchronize()
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    assert torch.equal(v_cache, want_v)
+    torch.testing.assert_close(k_cache, want_k, **tolerance)
+    rotated = rotate_reference(q.float(), cos.float(), sin.float()).to(dtype)
+    assert_close_relative(out, attention_fp64(rotated, k_cache, v_cache, 1, cache_len, tree_mask, scale), dtype)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for trial in range(2):
+        gen = torch.Generator(device="cuda").manual_seed(200 + trial)
+        for buffer in (q, k, v):
+            buffer.copy_(torch.randn(buffer.shape, generator=gen, device="cuda").to(dtype))
+        cache_len.copy_(torch.randint(0, 2001, (batch,), generator=gen, device="cuda", dtype=cache_len.dtype))
+        want_k, want_v = k_cache.clone(), v_cache.clone()
+        kv_write_triton(want_k, want_v, 1, k, v, cache_len, cos, sin)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(v_cache, want_v)
+        torch.testing.assert_close(k_cache, want_k, **tolerance)
+        assert_close_relative(out, attention_fp64(rotated.copy_(rotate_reference(q.float(), cos.float(), sin.float())),
+                                                  k_cache, v_cache, 1, cache_len, tree_mask, scale), dtype)

@@ -253,14 +253,15 @@ def test_kernel_source_is_deterministic_and_dumped_in_interpreter():
     from specc.lowering.codegen import all_generated_sources
     from specc.lowering.topk_triton import default_chunk, generated_sources, kernel_source
 
-    assert default_chunk(49152) == 4096 and default_chunk(100) == 128 and default_chunk(3) == 16
-    params = dict(n_cols=49152, k=8, dtype=torch.bfloat16, chunk=4096)
+    assert default_chunk(16384, 12) == 512 and default_chunk(49152, 1) == 1024  # the draft's top-k, an argmax
+    assert default_chunk(100, 5) == 128 and default_chunk(3, 1) == 16
+    params = dict(n_cols=49152, k=8, dtype=torch.bfloat16, chunk=512)  # the kernel run below uses the default chunk
     source = kernel_source(**params)
     assert kernel_source.__wrapped__(**params) == source
-    for line in ("N_COLS = tl.constexpr(49152)", "K = tl.constexpr(8)", "N_CHUNKS = tl.constexpr(12)",
-                 "N_CAND = tl.constexpr(96)", "BLOCK_CAND = tl.constexpr(128)", "INF_BITS = tl.constexpr(0x7f80)"):
+    for line in ("N_COLS = tl.constexpr(49152)", "K = tl.constexpr(8)", "N_CHUNKS = tl.constexpr(96)",
+                 "N_CAND = tl.constexpr(768)", "BLOCK_CAND = tl.constexpr(1024)", "INF_BITS = tl.constexpr(0x7f80)"):
         assert line in source, line
-    assert kernel_source(n_cols=49152, k=8, dtype=torch.float16, chunk=4096) != source
+    assert kernel_source(n_cols=49152, k=8, dtype=torch.float16, chunk=512) != source
     check_kernel_against_reference(make_x((1, 49152), torch.bfloat16, "random", seed=5), 8)
     assert source in generated_sources().values()
     assert source in all_generated_sources().values()

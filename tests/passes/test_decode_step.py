@@ -47,9 +47,12 @@ def test_every_layer_of_the_plain_step_reads_one_mask_input():
     cache_len = torch.tensor([4, 6])
     with torch.no_grad():
         _, codes = run_and_get_code(step, tokens, cache_len, k_cache, v_cache, torch.zeros(2, dtype=torch.int64))
-    calls = [line for code in codes for line in code.splitlines() if "torch.ops.specc.tree_attention.default(" in line]
+    # the attention op and its mask argument: kv_write_attention by default, tree_attention with
+    # SPECC_FUSE_KV_WRITE=0
+    ops = {"torch.ops.specc.kv_write_attention.default(": 7, "torch.ops.specc.tree_attention.default(": 5}
+    calls = [(line, op) for code in codes for line in code.splitlines() for op in ops if op in line]
     assert len(calls) == config.num_hidden_layers
-    masks = {_top_level_arguments(line.split("torch.ops.specc.tree_attention.default", 1)[1])[5] for line in calls}
+    masks = {_top_level_arguments(op + line.split(op, 1)[1])[ops[op]] for line, op in calls}
     assert len(masks) == 1, f"each layer's attention reads its own mask buffer: {sorted(masks)}"
     # an input, or a view of one (the batch expand): reinterpret_tensor(argN_1, ...)
     assert re.fullmatch(r"(reinterpret_tensor\()?arg\d+_1\b.*", masks.pop()), "the mask is computed inside the step"

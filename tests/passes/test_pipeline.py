@@ -89,9 +89,10 @@ def test_dump_writes_each_pass_before_after_and_summary(tmp_path):
     program, _ = target_program(compiled)
     folder = program.dump_dir
     assert folder is not None and folder.parent == tmp_path
-    for name in ("01_positions", "02_kv_cache", "03_rotary_fusion", "04_program_signature"):
+    for name in ("01_positions", "02_kv_cache", "03_rotary_fusion", "05_program_signature"):
         assert (folder / name / "before.txt").read_text() != (folder / name / "after.txt").read_text()
         assert (folder / name / "summary.txt").read_text().strip()
+    assert (folder / "04_kv_write_fusion" / "summary.txt").read_text().startswith("off")  # off by default
     after = (folder / "02_kv_cache" / "after.txt").read_text()
     assert "torch.ops.specc.tree_attention" in after
     assert "torch._C._nn.scaled_dot_product_attention(" not in after
