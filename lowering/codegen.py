@@ -89,3 +89,18 @@ def load_kernel_module(name: str, source: str):
         spec.loader.exec_module(module)
         _MODULES[(key, interpreted)] = module
         return module
+
+
+def compile_for_gpu(kernel, signature: dict[str, str], *, num_warps: int, num_stages: int, arch: int = 90):
+    """Compile a @triton.jit `kernel` for CUDA compute capability `arch` (90: H100/H200) on a
+    machine without a GPU: Triton lowers it to PTX and runs its bundled ptxas for a named
+    target. Returns Triton's CompiledKernel (`metadata.shared`: the shared memory a block needs).
+    `signature` maps each argument name to its Triton type ("*bf16", "i32", "fp32", ...).
+    The interpreter accepts code the compiler refuses, so the CPU tests compile the kernels too."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    return triton.compile(ASTSource(kernel, signature, {}), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+

@@ -394,6 +394,25 @@ def kernel_source(*, head_dim: int, gqa_group: int, dtype: str, block_m: int, bl
     )
 
 
+def write_kv_stages(num_stages: int, head_dim: int) -> int:
+    """Pipeline stages of a WRITE_KV launch whose tiles would take `num_stages`.
+
+    On the GPU (H100, results/2026-12-06c_h100) the first form of WRITE_KV failed every D = 128
+    test with the pipelined stages (fp32: 297 KB of shared memory; bf16: not diagnosed) and
+    passed them all unpipelined. The present form needs 53-206 KB with them
+    (scripts/compile_sm90.py) but has not run on a GPU: unpipelined at D > 64 until it has."""
+    return 1 if head_dim > 64 else num_stages
+
+
+def kernel_signature(kernel, dtype: str) -> dict[str, str]:
+    """Triton argument types of `tree_attention_kernel` for q and caches of `dtype` (int32
+    cache_len), for compiling it without a GPU (codegen.compile_for_gpu)."""
+    pointer = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype]
+    special = {"cache_len_ptr": "*i32", "counter_ptr": "*i32", "mask_ptr": "*u8", "o_part_ptr": "*fp32",
+               "lse_part_ptr": "*fp32", "qk_scale": "fp32"}
+    return {name: special.get(name, pointer if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
+
+
 def generated_sources() -> dict[str, str]:
     """The tree-attention kernel sources generated in this process so far (the dump pass writes them)."""
     return sources_generated("tree_attention")
@@ -610,12 +629,8 @@ def tree_attention_triton(
     rows = steps * group
     block_m, block_n, num_warps, num_stages, num_splits = _choose_launch(
         rows, batch * n_kv, head_dim, q.dtype, max(1, capacity - steps), q.device, num_splits, blocks)
-    if new_kv is not None and head_dim > 64:
-        # On the GPU (H100, results/2026-12-06c_h100) the first form of WRITE_KV failed every
-        # D = 128 test with the pipelined stages (fp32: 297 KB of shared memory; bf16: not
-        # diagnosed) and passed them all unpipelined. The present form needs 53-206 KB with
-        # them (scripts/compile_sm90.py) but has not run on a GPU: unpipelined until it has.
-        num_stages = 1
+    if new_kv is not None:
+        num_stages = write_kv_stages(num_stages, head_dim)
     num_row_tiles = -(-rows // block_m)
     programs = batch * n_kv * num_row_tiles
     split_kv = num_splits > 0
