@@ -50,7 +50,8 @@ import math
 
 import torch
 
-from specc.lowering.codegen import DTYPE_NAMES, load_kernel_module, next_power_of_2, render, sources_generated
+from specc.lowering.codegen import (DTYPE_NAMES, compile_for_gpu, load_kernel_module, next_power_of_2, render,
+                                    sources_generated)
 from specc.lowering.registry import env_choice
 from specc.lowering.rotary import check_rotary, kernel_tables
 
@@ -404,13 +405,16 @@ def write_kv_stages(num_stages: int, head_dim: int) -> int:
     return 1 if head_dim > 64 else num_stages
 
 
-def kernel_signature(kernel, dtype: str) -> dict[str, str]:
-    """Triton argument types of `tree_attention_kernel` for q and caches of `dtype` (int32
-    cache_len), for compiling it without a GPU (codegen.compile_for_gpu)."""
+def compile_without_gpu(source: str, dtype: str, *, num_warps: int, num_stages: int, arch: int = 90):
+    """`source` (kernel_source's text, or an older revision's) compiled for compute capability
+    `arch` on a machine without a GPU (codegen.compile_for_gpu), for q and caches of `dtype`
+    and an int32 cache_len: scripts/compile_sm90.py and tests/lowering/test_kernels_compile.py."""
+    kernel = load_kernel_module("tree_attention", source).tree_attention_kernel
     pointer = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype]
     special = {"cache_len_ptr": "*i32", "counter_ptr": "*i32", "mask_ptr": "*u8", "o_part_ptr": "*fp32",
                "lse_part_ptr": "*fp32", "qk_scale": "fp32"}
-    return {name: special.get(name, pointer if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
+    signature = {name: special.get(name, pointer if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
+    return compile_for_gpu(kernel, signature, num_warps=num_warps, num_stages=num_stages, arch=arch)
 
 
 def generated_sources() -> dict[str, str]:

@@ -49,7 +49,7 @@ def _matching_write(attention: fx.Node) -> fx.Node | None:
             if (write_caches == (k_cache, v_cache) and write_layer == layer and write_len is cache_len
                     and _rope(node) == _rope(attention)):
                 return node
-            return None  # another write to the caches between them
+            return None  # a kv_write that does not match: stop there (never look past a write)
         if k_cache in node.all_input_nodes or v_cache in node.all_input_nodes:
             return None  # something else reads or writes the caches in between
         node = node.prev

@@ -24,8 +24,7 @@ import sys
 import tempfile
 from collections import Counter
 
-from specc.lowering.codegen import compile_for_gpu, load_kernel_module
-from specc.lowering.tree_attention_triton import kernel_signature, kernel_source
+from specc.lowering.tree_attention_triton import compile_without_gpu, kernel_source
 
 # (head_dim, gqa_group, block_m, split_kv, rope, write_kv, dtype, num_warps, num_stages)
 VARIANTS = [
@@ -46,8 +45,7 @@ def compile_variant(source_fn, variant):
     extra = {"write_kv": True} if write_kv else {}
     source = source_fn(head_dim=head_dim, gqa_group=group, dtype=dtype, block_m=block_m, block_n=64,
                        split_kv=split, rope=rope, **extra)
-    fn = load_kernel_module("tree_attention", source).tree_attention_kernel
-    return compile_for_gpu(fn, kernel_signature(fn, dtype), num_warps=warps, num_stages=stages)
+    return compile_without_gpu(source, dtype, num_warps=warps, num_stages=stages)
 
 
 def instruction_counts(ptx: str) -> Counter:

@@ -18,9 +18,9 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 
-from specc.lowering.codegen import DTYPE_NAMES, compile_for_gpu, load_kernel_module  # noqa: E402
+from specc.lowering.codegen import DTYPE_NAMES, compile_for_gpu  # noqa: E402
 from specc.lowering.tree_attention_triton import (  # noqa: E402
-    _choose_blocks, _decode_blocks, kernel_signature, kernel_source, write_kv_stages)
+    _choose_blocks, _decode_blocks, compile_without_gpu, kernel_source, write_kv_stages)
 
 HOPPER_SHARED_BYTES = 232_448  # the most a block may take, as the H100 itself reported it (call 12)
 SHAPES = {"smollm2": (9, 3, 64), "llama3_8b": (32, 8, 128)}  # (Hq, Hkv, D)
@@ -74,6 +74,5 @@ def test_the_attention_kernel_compiles_for_sm90_within_shared_memory(params, war
     reason = _cannot_compile()
     if reason:
         pytest.skip(reason)
-    kernel = load_kernel_module("tree_attention", kernel_source(**params)).tree_attention_kernel
-    compiled = compile_for_gpu(kernel, kernel_signature(kernel, params["dtype"]), num_warps=warps, num_stages=stages)
+    compiled = compile_without_gpu(kernel_source(**params), params["dtype"], num_warps=warps, num_stages=stages)
     assert 0 < compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{compiled.metadata.shared:,} bytes of shared memory"
