@@ -7,6 +7,12 @@ up to K tokens per sequence (`out_tokens [B, K]`, `n_out [B]`): 1 for plain deco
 accepted path plus the bonus token for speculative decode. Those are copied to pinned host
 memory without waiting; the host reads a step's tokens only `lag` steps later, so stop
 checks never stall the GPU.
+
+Near the token budget the loop stops running ahead: once the steps in flight could give every
+running sequence the rest of its budget (a step gives each at most K tokens), it reads them
+before it launches another. A step launched past the end is thrown away whole; a speculative
+decode of 256 tokens takes about 80 steps, so the two steps a lag of 2 would waste cost it about
+2.5%. Reading the last few steps as they finish costs a host round trip each instead.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ class GenerationOutput:
     # of the step's n_out, cut at a stop token or the budget, so sum == new tokens - first tokens
     accept_lengths: list[int] = field(default_factory=list)
     sequence_steps: list[int] = field(default_factory=list)  # steps per sequence: splits accept_lengths
+    # steps the loop launched: those the sequences used, plus any whose tokens came too late
+    # (a stop token the loop read `lag` steps behind the GPU)
+    steps_launched: int = 0
 
     def accept_lengths_by_sequence(self) -> list[list[int]]:
         """accept_lengths split per sequence (a benchmark drops padded rows with it)."""
@@ -108,14 +117,17 @@ class DecodeLoop:
         start = time.perf_counter()
         pending: deque = deque()
         steps = 0
+        width = None  # the most tokens one step gives a sequence: out_tokens' K, known after a step
         # Every step gives each running sequence at least one token, so max_new_tokens steps
-        # always suffice; results are read `lag` steps behind the GPU.
+        # always suffice; results are read `lag` steps behind the GPU, or at once near the budget.
         while not stops.all_done and (steps < max_new_tokens or pending):
-            if steps < max_new_tokens:
+            near_budget = width is not None and stops.most_remaining <= len(pending) * width
+            if steps < max_new_tokens and not near_budget:
                 out_tokens, n_out = self.step.replay() if self.step else self._eager_step(*buffers.step_args())
+                width = out_tokens.shape[1]
                 steps += 1
                 pending.append(buffers.read_back(out_tokens, n_out))
-            if len(pending) > self.lag or steps >= max_new_tokens:
+            if pending and (len(pending) > self.lag or steps >= max_new_tokens or near_budget):
                 stops.extend_all(pending.popleft().result())
         sync()
         decode_seconds = time.perf_counter() - start
@@ -128,4 +140,5 @@ class DecodeLoop:
             decode_seconds=decode_seconds,
             accept_lengths=[length for lengths in stops.accept_lengths for length in lengths],
             sequence_steps=stops.steps_taken,
+            steps_launched=steps,
         )

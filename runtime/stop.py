@@ -20,6 +20,12 @@ class StopChecker:
         return all(self.done)
 
     @property
+    def most_remaining(self) -> int:
+        """The largest number of tokens a running sequence may still take (0 when all are done)."""
+        return max((self.max_new_tokens - len(tokens) for tokens, done in zip(self.tokens, self.done) if not done),
+                   default=0)
+
+    @property
     def steps_taken(self) -> list[int]:
         """Decode steps each sequence used while still running."""
         return [len(lengths) for lengths in self.accept_lengths]

@@ -266,7 +266,9 @@ class _Bench:
                                  "accept_lengths": accepts,
                                  "seconds": (out.prefill_seconds + out.decode_seconds) / batch,
                                  "decode_seconds": out.decode_seconds / batch,
-                                 "group_decode_seconds": out.decode_seconds})
+                                 "group_decode_seconds": out.decode_seconds,
+                                 "group_steps_launched": out.steps_launched,
+                                 "group_steps_used": max(out.sequence_steps, default=0)})
         return {**name, "batch": batch, "compile_and_warmup_seconds": warmup_seconds, **aggregate(rows, self.stop_id),
                 "per_prompt": rows}
 
@@ -294,6 +296,8 @@ class _Bench:
         line = f"[{elapsed:8.1f}s] {_label(config)}: {config['tokens_per_second']:.1f} tokens/s"
         if config.get("mean_accept_length") is not None:
             line += f", accept {config['mean_accept_length']:.2f}"
+        if config.get("steps_launched") is not None:
+            line += f", {config['steps_launched'] - config['steps_used']} of {config['steps_launched']} steps unused"
         if config.get("equal_to_plain") is not None:
             line += f", {config['equal_to_plain']}/{config['compared']} equal to plain"
         if config.get("compile_and_warmup_seconds") is not None:
@@ -346,6 +350,9 @@ def aggregate(rows: list[dict], stop_id: int | None = None) -> dict:
     for length in lengths:
         histogram[length] += 1
     until_stop = [length for r in rows for length in steps_until_stop(r["tokens"], r["accept_lengths"], stop_id)]
+    # per group: the steps the loop launched, and those its longest-running row used
+    launched = {r["group"]: r["group_steps_launched"] for r in rows if "group_steps_launched" in r}
+    used = {r["group"]: r["group_steps_used"] for r in rows if "group_steps_used" in r}
     return {
         "new_tokens": new_tokens,
         "seconds": seconds,
@@ -355,6 +362,9 @@ def aggregate(rows: list[dict], stop_id: int | None = None) -> dict:
         "mean_accept_length": _ratio(sum(lengths), len(lengths)),
         "mean_accept_length_until_eos": _ratio(sum(until_stop), len(until_stop)),
         "accept_length_histogram": histogram,  # [k] = steps that emitted k tokens
+        # target forwards run, and those whose tokens were kept (the rest came past the budget)
+        "steps_launched": sum(launched.values()) if launched else None,
+        "steps_used": sum(used.values()) if used else None,
     }
 
 

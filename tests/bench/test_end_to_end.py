@@ -240,6 +240,16 @@ def test_untrained_on_fewer_prompts_is_set_against_plain_on_those_prompts(monkey
     assert report["parameters"]["untrained_prompts"] == 2
 
 
+def test_no_configuration_launches_a_step_past_the_budget(measured):
+    # stop tokens are ignored, so every group ends at its token budget, which the decode loop
+    # sees coming: each step it launched gave some row tokens it kept
+    configs = [c for c in measured["report"]["configurations"] if c["decoder"] != "hf"]
+    assert configs
+    for config in configs:
+        assert config["steps_used"] > 0, _key(config)
+        assert config["steps_launched"] == config["steps_used"], _key(config)
+
+
 def test_accept_length_until_eos_counts_the_steps_up_to_the_first_stop_token():
     # tokens[0] from prefill; steps emit 3, 1, 2, 2 tokens: the stop token (7) is the 5th token,
     # emitted by the third step, so three steps count
