@@ -8,6 +8,9 @@ cache, so kv_write was a launch of its own before each attention: 1.3 µs for pl
 token and 2.1 µs for a 65-node tree on an H100 (results/2026-12-06c_h100), plus a launch gap,
 30 times a step. Here the attention kernel takes the tree's K/V from k and v directly and one of
 its programs per (sequence, KV head) stores them (lowering/tree_attention_triton.py, WRITE_KV).
+Every row tile loads and rotates all the new K/V, so a launch of many row tiles (SmolLM2's
+64-node verify: 13) writes with kv_write first instead (MAX_WRITE_KV_ROW_TILES says what was
+measured).
 The meaning is exactly the two ops in sequence; the reference runs them. One pair of rotary
 tables serves q and k, as the rotary_fusion pass gives both ops the same tables.
 

@@ -405,6 +405,15 @@ def write_kv_stages(num_stages: int, head_dim: int) -> int:
     return 1 if head_dim > 64 else num_stages
 
 
+# Row tiles up to which a WRITE_KV launch beats kv_write + attention. Every row tile loads and
+# rotates all of the new K/V, so the saved launch is outweighed when the tiles are many. On an
+# H100 (scripts/kv_write_attention_bench.py, results/2026-12-06d_h100), one launch against the
+# two, at contexts 300 to 2,200: SmolLM2 1 token (1 tile) 0.90-1.02x, 12 and 18 tokens (3 and 4
+# tiles of 16 rows) 0.85-0.95x, its 65-node verify (13 tiles) 1.02-1.19x; Llama-3-8B 65 tokens
+# 1 token 0.84x, 65 tokens (5 tiles of 64 rows) 0.77x. Nothing was measured between 5 and 13 tiles.
+MAX_WRITE_KV_ROW_TILES = 8
+
+
 def compile_without_gpu(source: str, dtype: str, *, num_warps: int, num_stages: int, arch: int = 90):
     """`source` (kernel_source's text, or an older revision's) compiled for compute capability
     `arch` on a machine without a GPU (codegen.compile_for_gpu), for q and caches of `dtype`
@@ -565,12 +574,16 @@ def tree_attention_triton(
     rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    write_kv_in_launch: bool | None = None,
 ) -> torch.Tensor:
     """Two-pass tree attention on the GPU; same meaning as `tree_attention_reference` (with
     rope_cos/rope_sin [B or 1, T, D]: of the op, which attends with q rotated by them).
     With `new_kv` (k, v [B, Hkv, T, D], k before its rotation when rope_cos is given): first
     kv_write(k_cache, v_cache, layer, k, v, cache_len, rope_cos, rope_sin), in the same launch
     (specc::kv_write_attention's meaning; positions past S are not stored, as kv_write's).
+    `write_kv_in_launch` says whether that write happens in the attention launch (WRITE_KV) or in
+    a kv_write launch before it; the default takes one launch for at most MAX_WRITE_KV_ROW_TILES
+    row tiles.
 
     q [B, Hq, T, D]; k_cache, v_cache [L, B, Hkv, S, D]; cache_len int [B]; tree_mask bool
     [B, T, T] (lower triangular, diagonal set). Returns [B, Hq, T, D] in q's dtype, laid out
@@ -633,9 +646,15 @@ def tree_attention_triton(
     rows = steps * group
     block_m, block_n, num_warps, num_stages, num_splits = _choose_launch(
         rows, batch * n_kv, head_dim, q.dtype, max(1, capacity - steps), q.device, num_splits, blocks)
+    num_row_tiles = -(-rows // block_m)
+    if new_kv is not None and not (num_row_tiles <= MAX_WRITE_KV_ROW_TILES if write_kv_in_launch is None
+                                   else write_kv_in_launch):
+        from specc.lowering.kv_write_triton import kv_write_triton
+
+        kv_write_triton(k_cache, v_cache, layer, new_k, new_v, cache_len, rope_cos, rope_sin)
+        new_kv, new_k, new_v, new_strides = None, q, q, (0,) * 8
     if new_kv is not None:
         num_stages = write_kv_stages(num_stages, head_dim)
-    num_row_tiles = -(-rows // block_m)
     programs = batch * n_kv * num_row_tiles
     split_kv = num_splits > 0
     counters = None

@@ -5,7 +5,8 @@
 Each layer of a step writes its new tokens' K/V into the cache, then attends over the cache.
 `apart` is those two launches (kv_write_triton, then tree_attention_triton with its merge
 launch when it splits); `fused` is tree_attention_triton with new_kv (the kernel's WRITE_KV),
-which stores the K/V from the launch that attends. Shapes: SmolLM2's heads (9 query, 3 KV,
+which stores the K/V from the launch that attends (write_kv_in_launch=True: whatever
+MAX_WRITE_KV_ROW_TILES would choose). Shapes: SmolLM2's heads (9 query, 3 KV,
 D = 64) at a batch-1 step's row counts (plain decode's 1 token, the draft's levels of 12 and 18
 nodes, the verify pass's 65) and contexts over MT-Bench's range, in the benchmark's cache of
 2,304 positions; and Llama-3-8B's heads (32, 8, D = 128) at 1 and 65 tokens over 1,024. q and
@@ -81,7 +82,7 @@ def main() -> None:
 
             def fused():
                 tree_attention_triton(q, k_cache, v_cache, 0, cache_len, mask, scale, out=out_fused,
-                                      rope_cos=cos, rope_sin=sin, new_kv=(k, v))
+                                      rope_cos=cos, rope_sin=sin, new_kv=(k, v), write_kv_in_launch=True)
 
             apart()
             fused()

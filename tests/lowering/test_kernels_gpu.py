@@ -358,7 +358,7 @@ def test_the_kernel_writing_kv_matches_kv_write_then_attention_on_gpu(shape, ste
 
     def step():
         return tree_attention_triton(q, k_cache, v_cache, 1, cache_len, tree_mask, scale, out=out,
-                                     rope_cos=cos, rope_sin=sin, new_kv=(k, v))
+                                     rope_cos=cos, rope_sin=sin, new_kv=(k, v), write_kv_in_launch=True)
 
     step()
     torch.cuda.synchronize()

@@ -79,13 +79,44 @@ def test_the_kernel_writing_kv_equals_the_reference(case, rope):
                                                 tree_mask, scale)
     out = torch.full_like(q, float("nan"))
     tree_attention_triton(q, k_cache, v_cache, case["layer"], cache_len, tree_mask, scale, out=out,
-                          num_splits=case["num_splits"], rope_cos=tables[0], rope_sin=tables[1], new_kv=(k, v))
+                          num_splits=case["num_splits"], rope_cos=tables[0], rope_sin=tables[1], new_kv=(k, v),
+                          write_kv_in_launch=True)
     torch.testing.assert_close(out.float(), expected.float(), **TOLERANCE[case["dtype"]])
     assert torch.equal(v_cache, want_v)
     if rope == "none":
         assert torch.equal(k_cache, want_k)
     else:  # rotated in fp32 by the kernel and above, rounded once (the kernel may contract into FMAs)
         torch.testing.assert_close(k_cache, want_k, atol=1e-6 if case["dtype"] == torch.float32 else 1e-3, rtol=1e-3)
+
+
+@interpreted
+def test_many_row_tiles_write_kv_in_a_launch_of_its_own_with_the_same_result(monkeypatch):
+    # 2 tokens x 4 query heads per KV head fill 1 row tile (fp32 tiles hold 16 rows), 40 tokens
+    # fill 10: past MAX_WRITE_KV_ROW_TILES the default writes with kv_write first
+    from specc.lowering import kv_write_triton as kv_write_module
+    from specc.lowering.tree_attention_triton import MAX_WRITE_KV_ROW_TILES, tree_attention_triton
+
+    assert -(-2 * 4 // 16) <= MAX_WRITE_KV_ROW_TILES < -(-40 * 4 // 16)  # the cases straddle the rule
+    writes = []
+    honest = kv_write_module.kv_write_triton
+    monkeypatch.setattr(kv_write_module, "kv_write_triton", lambda *args: writes.append(1) or honest(*args))
+    for steps, in_launch, one_launch in ((2, None, True), (40, None, False), (40, True, True), (2, False, False)):
+        writes.clear()
+        case = dict(batch=2, n_kv=2, group=4, head_dim=8, parents=[list(range(-1, steps - 1))] * 2, cache_len=[3, 30],
+                    spare=steps, n_layers=2, layer=1, dtype=torch.float32, num_splits=None, heads_last=False,
+                    score_scale=1.0, seed=steps)
+        q, k_cache, v_cache, cache_len, tree_mask = make_inputs(case)
+        k, v = new_kv(case, k_cache)
+        cos, sin = rotary_tables(2, steps, 8, torch.float32, 3, shared=False)
+        want_k, want_v = k_cache.clone(), v_cache.clone()
+        rotated_q, rotated_k = (rotate_reference(x, cos, sin) for x in (q, k))
+        expected = kv_write_attention_reference(rotated_q, rotated_k, v, want_k, want_v, 1, cache_len, tree_mask, 0.3)
+        out = tree_attention_triton(q, k_cache, v_cache, 1, cache_len, tree_mask, 0.3, rope_cos=cos, rope_sin=sin,
+                                    new_kv=(k, v), write_kv_in_launch=in_launch)
+        assert writes == ([] if one_launch else [1]), (steps, in_launch)
+        torch.testing.assert_close(out, expected, **TOLERANCE[torch.float32])
+        torch.testing.assert_close(k_cache, want_k, atol=1e-6, rtol=1e-5)
+        assert torch.equal(v_cache, want_v)
 
 
 @interpreted
