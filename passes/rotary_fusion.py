@@ -22,11 +22,12 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 from torch import fx
 
 from specc.lowering import kv_write, tree_attention  # noqa: F401  (registers the ops)
 from specc.lowering.registry import env_choice
-from specc.passes.graph_utils import RecognitionError, calls, example_value
+from specc.passes.graph_utils import RecognitionError, arg, calls, calls_any_of, example_value
 from specc.passes.skeleton import LlamaSkeleton
 
 _ADD = (operator.add, torch.add)
@@ -39,6 +40,45 @@ def fuse_rotary_default() -> bool:
     """SPECC_FUSE_ROTARY (default 1): rotate q and k inside the attention ops."""
     return env_choice("SPECC_FUSE_ROTARY", "1", {"1": "rotate in the kernels",
                                                   "0": "rotate in Inductor's kernels"}) == "1"
+
+
+def share_tables_default() -> bool:
+    """SPECC_SHARE_ROTARY_TABLES=1: every op reads the model's cos/sin tables from one buffer.
+
+    Llama computes its tables once per forward and each layer unsqueezes them for its heads.
+    Inductor treats a table as cheap to recompute (one read: the positions), and an opaque op
+    that needs fixed strides gets a copy of such a value of its own. In plain decode that is a
+    kernel per four layers, each writing the tables of four layers (8 of a step's 314 kernels on
+    the real model, about 1.4 µs each; H100, results/2026-12-06c_h100). The speculative step's
+    tables read two buffers (cache_len and the tree's depths), which Inductor computes once.
+    With the switch, one stride-fixing node per table (Inductor's inductor_force_stride_order,
+    value-preserving) makes Inductor compute it into one buffer that every op reads: on the CPU,
+    one kernel instead of one per four layers. Off by default until a GPU run measures it."""
+    return env_choice("SPECC_SHARE_ROTARY_TABLES", "0", {"1": "one table buffer for every op",
+                                                          "0": "Inductor's copy per op"}) == "1"
+
+
+def _head_unsqueezed(table: fx.Node) -> fx.Node | None:
+    """x when table is x.unsqueeze(1) with x [B or 1, T, D], else None."""
+    if not calls_any_of(table, (torch.unsqueeze,), "unsqueeze"):
+        return None
+    base = table.args[0] if table.args else None
+    value = example_value(base) if isinstance(base, fx.Node) else None
+    if arg(table, 1, "dim") not in (1, -3) or not isinstance(value, torch.Tensor) or value.dim() != 3:
+        return None
+    return base
+
+
+def _shared_table(graph: fx.Graph, base: fx.Node, shared: dict[fx.Node, fx.Node]) -> fx.Node:
+    """base, computed into one buffer of fixed strides (one node per base)."""
+    if base not in shared:
+        with graph.inserting_after(base):
+            stride = graph.call_method("stride", (base,))
+        with graph.inserting_after(stride):
+            fixed = graph.call_function(torch.ops.prims.inductor_force_stride_order.default, (base, stride))
+        fixed.meta["example_value"] = example_value(base)
+        shared[base] = fixed
+    return shared[base]
 
 
 def _operands(node: fx.Node, functions: tuple, method: str) -> tuple | None:
@@ -122,9 +162,15 @@ def _table_shape_ok(table: fx.Node, x: torch.Tensor) -> bool:
     return shape == (str(steps), str(head_dim))
 
 
-def _as_kernel_table(graph: fx.Graph, table: fx.Node, made: dict[fx.Node, fx.Node]) -> fx.Node:
-    """[B or 1, 1, T, D] -> [B or 1, T, D]; [T, D] -> [1, T, D] (one node per table)."""
+def _as_kernel_table(graph: fx.Graph, table: fx.Node, made: dict[fx.Node, fx.Node],
+                     shared: dict[fx.Node, fx.Node]) -> fx.Node:
+    """[B or 1, 1, T, D] -> [B or 1, T, D]; [T, D] -> [1, T, D] (one node per table; with
+    SPECC_SHARE_ROTARY_TABLES=1, one for all layers' unsqueezes of one model table)."""
     if table not in made:
+        base = _head_unsqueezed(table) if share_tables_default() else None
+        if base is not None:
+            made[table] = _shared_table(graph, base, shared)
+            return made[table]
         value = example_value(table)
         with graph.inserting_after(table):
             if value.dim() == 4:
@@ -157,7 +203,8 @@ def fuse_rotary_into_attention(gm: fx.GraphModule, skeleton: LlamaSkeleton) -> s
     if not fuse_rotary_default():
         return "off (SPECC_FUSE_ROTARY=0): q and k are rotated by Inductor's kernels"
     graph = gm.graph
-    made: dict[fx.Node, fx.Node] = {}
+    made: dict[fx.Node, fx.Node] = {}  # table -> the node the ops get
+    shared: dict[fx.Node, fx.Node] = {}  # SPECC_SHARE_ROTARY_TABLES: model table -> its one buffer
     fused = {"kv_write": 0, "tree_attention": 0}
     # (op, index of the rotated operand, name)
     sites = ((torch.ops.specc.kv_write.default, 3, "kv_write"), (torch.ops.specc.tree_attention.default, 0, "tree_attention"))
@@ -172,8 +219,8 @@ def fuse_rotary_into_attention(gm: fx.GraphModule, skeleton: LlamaSkeleton) -> s
             args = list(node.args)
             args[index] = x
             node.args = tuple(args)
-            node.kwargs = {**node.kwargs, "rope_cos": _as_kernel_table(graph, cos, made),
-                           "rope_sin": _as_kernel_table(graph, sin, made)}
+            node.kwargs = {**node.kwargs, "rope_cos": _as_kernel_table(graph, cos, made, shared),
+                           "rope_sin": _as_kernel_table(graph, sin, made, shared)}
             fused[name] += 1
     graph.eliminate_dead_code()
     for node in graph.nodes:  # the invariant: each op rotates at most once, with both tables
@@ -187,4 +234,4 @@ def fuse_rotary_into_attention(gm: fx.GraphModule, skeleton: LlamaSkeleton) -> s
     gm.recompile()
     layers = len(skeleton.layers)
     return (f"rotation moved into {fused['tree_attention']} of {layers} tree_attention and {fused['kv_write']} of "
-            f"{layers} kv_write calls ({len(made)} cos/sin tables)")
+            f"{layers} kv_write calls ({len(set(made.values()))} cos/sin tables)")

@@ -70,6 +70,8 @@ def _switches(name: str) -> tuple[dict, bool]:
         # layer's K/V written inside its attention launch (SPECC_FUSE_KV_WRITE=1, off by default)
         "topk4096": ({(topk_triton, "CHUNK"): 4096, (topk_triton, "ARGMAX_CHUNK"): 4096}, True),
         "kvfused": ({(ENV, "SPECC_FUSE_KV_WRITE"): "1"}, True),
+        # 2026-12-06d: the rotary tables in one buffer for every op (off by default)
+        "sharedrope": ({(ENV, "SPECC_SHARE_ROTARY_TABLES"): "1"}, True),
         "combo": ({(torch._inductor.config, "combo_kernels"): True}, True),
         "cdt": ({(torch._inductor.config, "coordinate_descent_tuning"): True}, True),
     }

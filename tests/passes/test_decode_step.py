@@ -57,3 +57,25 @@ def test_every_layer_of_the_plain_step_reads_one_mask_input():
     # an input, or a view of one (the batch expand): reinterpret_tensor(argN_1, ...)
     assert re.fullmatch(r"(reinterpret_tensor\()?arg\d+_1\b.*", masks.pop()), "the mask is computed inside the step"
     assert cache_len.tolist() == [5, 7]  # the step ran and advanced
+
+
+def test_with_shared_rotary_tables_every_op_of_the_plain_step_reads_one_buffer_per_table(monkeypatch):
+    """SPECC_SHARE_ROTARY_TABLES=1: one kernel computes cos and sin, and every layer's kv_write and
+    tree_attention read those two buffers. Without it Inductor copies the tables for each op,
+    a kernel per four layers (passes/rotary_fusion.share_tables_default)."""
+    monkeypatch.setenv("SPECC_SHARE_ROTARY_TABLES", "1")
+    torch._dynamo.reset()
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=9,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    program, _ = target_program(torch.compile(reference_llama(config, 5), backend=specc.backend()))
+    step = torch.compile(make_plain_step(program, Sampling()), fullgraph=True, dynamic=False)
+    k_cache, v_cache = program.new_cache(1, 16)
+    cache_len = torch.tensor([4])
+    with torch.no_grad():
+        _, codes = run_and_get_code(step, torch.tensor([[3]]), cache_len, k_cache, v_cache, torch.zeros(1, dtype=torch.int64))
+    ops = ("torch.ops.specc.kv_write.default(", "torch.ops.specc.tree_attention.default(")
+    tables = [tuple(_top_level_arguments(op + line.split(op, 1)[1])[-2:])
+              for code in codes for line in code.splitlines() for op in ops if op in line]
+    assert len(tables) == 2 * config.num_hidden_layers
+    assert len(set(tables)) == 1, f"the ops read {len(set(tables))} pairs of table buffers"
+    assert cache_len.tolist() == [5]  # the step ran and advanced

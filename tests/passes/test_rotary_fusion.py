@@ -25,12 +25,16 @@ def _op_nodes(program, op):
     return [n for n in program.module.graph.nodes if n.op == "call_function" and n.target is op]
 
 
+@pytest.mark.parametrize("share", ["0", "1"])
 @pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
-def test_every_layer_rotates_inside_the_ops_and_the_logits_stay_the_same(implementation):
+def test_every_layer_rotates_inside_the_ops_and_the_logits_stay_the_same(implementation, share, monkeypatch):
+    monkeypatch.setenv("SPECC_SHARE_ROTARY_TABLES", share)
     torch._dynamo.reset()
     model = IMPLEMENTATIONS[implementation](CONFIG, 3)
     program, _ = target_program(torch.compile(model, backend=specc.backend()))
     assert program.summaries["rotary_fusion"].startswith("rotation moved into 3 of 3 tree_attention and 3 of 3 kv_write")
+    # one node per layer's view of each table, or with SPECC_SHARE_ROTARY_TABLES one per table
+    assert program.summaries["rotary_fusion"].endswith("(2 cos/sin tables)" if share == "1" else "(6 cos/sin tables)")
     for op in (torch.ops.specc.tree_attention.default, torch.ops.specc.kv_write.default):
         nodes = _op_nodes(program, op)
         assert len(nodes) == 3 and all(n.kwargs.get("rope_cos") is not None for n in nodes)
