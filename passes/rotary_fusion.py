@@ -49,8 +49,9 @@ def share_tables_default() -> bool:
     Inductor treats a table as cheap to recompute (one read: the positions), and an opaque op
     that needs fixed strides gets a copy of such a value of its own. In plain decode that is a
     kernel per four layers, each writing the tables of four layers (8 of a step's 314 kernels on
-    the real model, about 1.4 µs each; H100, results/2026-12-06c_h100). The speculative step's
-    tables read two buffers (cache_len and the tree's depths), which Inductor computes once.
+    the real model, about 1.4 µs each; H100, results/2026-12-06c_h100). The verify pass of the
+    speculative step shows no such kernels in the same profile (its tables also read the tree's
+    depths, and Inductor computes a value of more than one read once: likely why, not checked).
     With the switch, one stride-fixing node per table (Inductor's inductor_force_stride_order,
     value-preserving) makes Inductor compute it into one buffer that every op reads: on the CPU,
     one kernel instead of one per four layers. Off by default until a GPU run measures it."""
