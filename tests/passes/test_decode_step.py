@@ -33,25 +33,31 @@ def _top_level_arguments(call: str) -> list[str]:
     return arguments + [current.strip()]
 
 
+def _plain_step_code(layers: int, tokens: torch.Tensor, cache_len: torch.Tensor) -> list[str]:
+    """Inductor's code for the plain decode step of a small reference Llama of `layers` layers,
+    after one run of it (cache_len advances)."""
+    torch._dynamo.reset()
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    program, _ = target_program(torch.compile(reference_llama(config, 5), backend=specc.backend()))
+    step = torch.compile(make_plain_step(program, Sampling()), fullgraph=True, dynamic=False)
+    k_cache, v_cache = program.new_cache(len(tokens), 16)
+    with torch.no_grad():
+        _, codes = run_and_get_code(step, tokens, cache_len, k_cache, v_cache, torch.zeros(len(tokens), dtype=torch.int64))
+    return codes
+
+
 def test_every_layer_of_the_plain_step_reads_one_mask_input():
     """The one-token mask is a graph input shared by every layer's attention. Built inside the
     step, Inductor refilled a mask buffer before each layer's attention: a kernel per layer
     (30 a step on the real model)."""
-    torch._dynamo.reset()
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    program, _ = target_program(torch.compile(reference_llama(config, 5), backend=specc.backend()))
-    step = torch.compile(make_plain_step(program, Sampling()), fullgraph=True, dynamic=False)
-    k_cache, v_cache = program.new_cache(2, 16)
-    tokens = torch.tensor([[3], [7]])
     cache_len = torch.tensor([4, 6])
-    with torch.no_grad():
-        _, codes = run_and_get_code(step, tokens, cache_len, k_cache, v_cache, torch.zeros(2, dtype=torch.int64))
+    codes = _plain_step_code(3, torch.tensor([[3], [7]]), cache_len)
     # the attention op and its mask argument: kv_write_attention by default, tree_attention with
     # SPECC_FUSE_KV_WRITE=0
     ops = {"torch.ops.specc.kv_write_attention.default(": 7, "torch.ops.specc.tree_attention.default(": 5}
     calls = [(line, op) for code in codes for line in code.splitlines() for op in ops if op in line]
-    assert len(calls) == config.num_hidden_layers
+    assert len(calls) == 3
     masks = {_top_level_arguments(op + line.split(op, 1)[1])[ops[op]] for line, op in calls}
     assert len(masks) == 1, f"each layer's attention reads its own mask buffer: {sorted(masks)}"
     # an input, or a view of one (the batch expand): reinterpret_tensor(argN_1, ...)
@@ -64,18 +70,11 @@ def test_with_shared_rotary_tables_every_op_of_the_plain_step_reads_one_buffer_p
     tree_attention read those two buffers. Without it Inductor copies the tables for each op,
     a kernel per four layers (passes/rotary_fusion.share_tables_default)."""
     monkeypatch.setenv("SPECC_SHARE_ROTARY_TABLES", "1")
-    torch._dynamo.reset()
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=9,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    program, _ = target_program(torch.compile(reference_llama(config, 5), backend=specc.backend()))
-    step = torch.compile(make_plain_step(program, Sampling()), fullgraph=True, dynamic=False)
-    k_cache, v_cache = program.new_cache(1, 16)
     cache_len = torch.tensor([4])
-    with torch.no_grad():
-        _, codes = run_and_get_code(step, torch.tensor([[3]]), cache_len, k_cache, v_cache, torch.zeros(1, dtype=torch.int64))
+    codes = _plain_step_code(9, torch.tensor([[3]]), cache_len)
     ops = ("torch.ops.specc.kv_write.default(", "torch.ops.specc.tree_attention.default(")
     tables = [tuple(_top_level_arguments(op + line.split(op, 1)[1])[-2:])
               for code in codes for line in code.splitlines() for op in ops if op in line]
-    assert len(tables) == 2 * config.num_hidden_layers
+    assert len(tables) == 2 * 9
     assert len(set(tables)) == 1, f"the ops read {len(set(tables))} pairs of table buffers"
     assert cache_len.tolist() == [5]  # the step ran and advanced
