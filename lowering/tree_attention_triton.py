@@ -409,8 +409,9 @@ def write_kv_stages(num_stages: int, head_dim: int) -> int:
 # rotates all of the new K/V, so the saved launch is outweighed when the tiles are many. On an
 # H100 (scripts/kv_write_attention_bench.py, results/2026-12-06d_h100), one launch against the
 # two, at contexts 300 to 2,200: SmolLM2 1 token (1 tile) 0.90-1.02x, 12 and 18 tokens (3 and 4
-# tiles of 16 rows) 0.85-0.95x, its 65-node verify (13 tiles) 1.02-1.19x; Llama-3-8B 65 tokens
-# 1 token 0.84x, 65 tokens (5 tiles of 64 rows) 0.77x. Nothing was measured between 5 and 13 tiles.
+# tiles of 16 rows) 0.85-0.95x, its 65-node verify (13 tiles) 1.02-1.19x; Llama-3-8B at context
+# 1,024: 1 token 0.84x, 65 tokens (5 tiles of 64 rows) 0.77x. Nothing was measured between 5 and
+# 13 tiles.
 MAX_WRITE_KV_ROW_TILES = 8
 
 

@@ -26,6 +26,7 @@ import torch
 
 from specc.bench.common import graph_us_per_call
 from specc.lowering.kv_write_triton import kv_write_triton
+from specc.lowering.tree import ancestor_mask
 from specc.lowering.tree_attention_triton import tree_attention_triton
 
 # name: (query heads, KV heads, head dim, cache capacity, [(new tokens, context), ...])
@@ -49,14 +50,11 @@ def _case(n_heads: int, n_kv: int, head_dim: int, capacity: int, steps: int, con
     k_cache, v_cache = randn(1, 1, n_kv, capacity, head_dim), randn(1, 1, n_kv, capacity, head_dim)
     cache_len = torch.tensor([context], dtype=torch.int64, device="cuda")
     parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen, device="cuda")) for i in range(1, steps)]
-    mask = torch.eye(steps, dtype=torch.bool, device="cuda")
-    for node, parent in enumerate(parents):  # a node sees itself and its ancestors
-        if parent >= 0:
-            mask[node] |= mask[parent]
+    mask = ancestor_mask(torch.tensor([parents], dtype=torch.int32, device="cuda"))
     positions = context + torch.arange(steps, device="cuda")  # depth would do; any positions time the same
     inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device="cuda") / head_dim)
     angles = (positions[:, None].float() * inv_freq).repeat(1, 2)[None]
-    return q, k, v, k_cache, v_cache, cache_len, mask[None].contiguous(), angles.cos().to(dtype), angles.sin().to(dtype)
+    return q, k, v, k_cache, v_cache, cache_len, mask.contiguous(), angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def main() -> None:
