@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU call: install specc, run the GPU tests, the real-model checks and benchmarks.
 # Usage (the last of the model calls: carry .gpu2; scripts/split_model_xz.sh says the calls before it):
-#   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] [step_diff] [profile] [attention] [step_parts] [variants] [rotary] [draftfuse] [linear_bench] [topk_bench] [kv_bench] [step_variants] [tune] ...
+#   bash scripts/gpu_run.sh [tests] [checks] [sampling_smoke] [plain] [spec] [sampling] [systems] [gap] [step_diff] [profile] [attention] [step_parts] [variants] [rotary] [draftfuse] [linear_bench] [topk_bench] [kv_bench] [kvw_bench] [step_variants] [tune] ...
 # step_variants: VARIANT_ARGS="before after --dump after" (scripts/step_variants.py: profiles of code variants side by side).
 # STAGE_FROM=~/m/stage runs them with the head gpu_train.sh left there.
 # DRAFT=path measures another head than the shipped one (spec, sampling); UNTRAINED_PROMPTS=0
@@ -12,6 +12,7 @@
 # draftfuse: VARIANTS="unfused fused fold" (results/2026-12-03d_h200/variant_spec.py: SPECC_FUSE_DRAFT_LINEAR=0 (the default), =1, and =1 with the folded attention merge).
 # topk_bench: scripts/topk_bench.py (specc::topk's stage-1 chunk and warps at the step's shapes).
 # kv_bench: scripts/kv_write_attention_bench.py (specc::kv_write_attention's one launch against kv_write + tree_attention).
+# kvw_bench: scripts/kv_write_bench.py (kv_write's launch settings; q's rotation inside tree attention).
 # linear_bench: scripts/fused_linear_bench.py (specc::fused_linear against Inductor + cuBLAS at the draft's shapes).
 # checks: CHECKS_CONFIGS="fp32:eagle;fp32:dynamic:8,8,64" (dtype:tree;...), CHECKS_TOKENS=128.
 # Everything lands under $OUT; the last lines printed are a short table.
@@ -59,6 +60,8 @@ for job in "$@"; do
     draftfuse) python3 results/2026-12-03d_h200/variant_spec.py "$OUT" ${VARIANTS:-unfused fused} 2>&1 | grep --line-buffered -v -i warn \
               | tee "$OUT/draftfuse.log" | grep --line-buffered -E "^(plain|spec|variant|Traceback|[A-Za-z]*Error)" ;;
     topk_bench) python3 scripts/topk_bench.py --out "$OUT/topk_bench.json" 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/topk_bench.log" ;;
+    kvw_bench) python3 scripts/kv_write_bench.py --out "$OUT/kv_write_bench.json" 2>&1 | grep --line-buffered -v -i warn \
+              | tee "$OUT/kv_write_bench.log" ;;
     kv_bench) python3 scripts/kv_write_attention_bench.py --out "$OUT/kv_write_attention_bench.json" 2>&1 | grep --line-buffered -v -i warn \
               | tee "$OUT/kv_write_attention_bench.log" ;;
     linear_bench) python3 scripts/fused_linear_bench.py --out "$OUT/fused_linear.json" 2>&1 | grep --line-buffered -v -i warn \

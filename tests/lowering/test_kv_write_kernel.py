@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be interpreted")
 
 from specc.lowering.kv_write import kv_write_reference  # noqa: E402
-from specc.lowering.kv_write_triton import generated_sources, kernel_source, kv_write_triton  # noqa: E402
+from specc.lowering.kv_write_triton import generated_sources, kernel_source, kv_write_triton, launch_settings  # noqa: E402
 from tests.lowering.interpreter import interpreted  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -99,6 +99,41 @@ def test_kv_write_kernel_rotating_k_equals_the_reference_on_the_rotated_k(case, 
 
 
 @interpreted
+def test_both_forms_of_the_rotation_and_every_tile_write_the_same_cache():
+    # launch_settings rotates K as two contiguous halves past one token, with a gathered
+    # partner tile at one token: the same products and sums, so the same bits, whatever the
+    # tile and warps.
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 11, 2, 16, generator=gen).transpose(1, 2)
+    v = torch.randn(2, 2, 11, 16, generator=gen)
+    cos, sin = torch.randn(2, 11, 16, generator=gen), torch.randn(2, 11, 16, generator=gen)
+    cache = torch.randn(1, 2, 2, 20, 16, generator=gen)
+    cache_len = torch.tensor([0, 6])
+    written = []
+    for halves, block_t, num_warps in ((False, 16, 1), (True, 2, 4), (True, 8, 4), (False, 1, 1)):
+        k_cache, v_cache = cache.clone(), cache.clone()
+        kv_write_triton(k_cache, v_cache, 0, k, v, cache_len, cos, sin, block_t=block_t, num_warps=num_warps,
+                        halves=halves)
+        written.append((k_cache, v_cache))
+    for k_cache, v_cache in written[1:]:
+        assert torch.equal(k_cache, written[0][0]) and torch.equal(v_cache, written[0][1])
+    assert not torch.equal(written[0][0], cache)
+
+
+def test_launch_settings_follow_the_measured_rule():
+    assert launch_settings(1, 64) == dict(block_t=1, num_warps=1, halves=False)
+    assert launch_settings(18, 64) == dict(block_t=2, num_warps=4, halves=True)
+    assert launch_settings(65, 128) == dict(block_t=8, num_warps=4, halves=True)
+
+
+def test_a_block_t_that_is_no_power_of_two_is_refused():
+    cache = torch.randn(1, 1, 1, 8, 4)
+    with pytest.raises(ValueError, match="block_t must be a power of two"):
+        kv_write_triton(cache, cache.clone(), 0, torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4), torch.tensor([0]),
+                        block_t=3)
+
+
+@interpreted
 def test_kv_write_kernel_drops_positions_past_the_cache_end_and_touches_nothing_else():
     # The cache is a view into a larger buffer whose extra rows (positions >= S) are a guard:
     # a write past the end must be dropped, not land there.
@@ -139,7 +174,7 @@ def test_kv_write_kernel_drops_negative_positions_and_touches_nothing_before_the
 def test_kv_write_kernel_source_is_listed_after_a_write():
     cache = torch.randn(1, 1, 1, 6, 8)
     kv_write_triton(cache, cache.clone(), 0, torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8), torch.tensor([1]))
-    assert kernel_source(head_dim=8, block_t=4) in generated_sources().values()
+    assert kernel_source(head_dim=8, block_t=launch_settings(3, 8)["block_t"]) in generated_sources().values()
     assert all(key.startswith("kv_write_") for key in generated_sources())
 
 
