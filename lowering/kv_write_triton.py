@@ -162,8 +162,11 @@ def generated_sources() -> dict[str, str]:
 # program's latency is what a decode step's write costs, and it grows with the tile, so many
 # small programs beat few large ones: at SmolLM2's shapes (3 KV heads, D = 64) 18 tokens took
 # 1.58 µs against 2.19 with "tiles16", 65 tokens 1.66 against 2.21, one token 1.43 either way
-# (halves took 1.55 there). "tiles16" is the rule before it: up to 16 tokens per program, one
-# warp up to 1,024 elements (else 4), K rotated with a gathered partner tile.
+# (halves took 1.55 there); a second call gave 1.63 / 2.14, 1.68 / 2.23 and 1.37. In the
+# speculative step (SmolLM2, `tuned-chat:64,4`) it took 20 µs off the profile's span (1,246.3 ->
+# 1,226.3 µs, scripts/step_variants.py variant kvtiles16). "tiles16" is the rule before it: up
+# to 16 tokens per program, one warp up to 1,024 elements (else 4), K rotated with a gathered
+# partner tile.
 TILE_RULE = "small"
 
 

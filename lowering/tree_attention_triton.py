@@ -62,7 +62,7 @@ TREE_ATTENTION_TEMPLATE = '''\
 
 Static parameters: head_dim=$head_dim, gqa_group=$gqa_group, dtype=$dtype,
 block_m=$block_m, block_n=$block_n, split_kv=$split_kv, fold_merge=$fold_merge, rope=$rope,
-write_kv=$write_kv, rope_shuffle=$rope_shuffle.
+write_kv=$write_kv.
 Two-pass tree attention (arXiv:2508.08192): prefix keys (no mask) and suffix keys (ancestor
 mask); with SPLIT_KV each pass (and each prefix chunk) gives a partial output and log-sum-exp,
 merged by log-sum-exp; without it one program streams both passes through one online softmax.
@@ -79,7 +79,6 @@ SPLIT_KV = tl.constexpr($split_kv)  # partial results + merge (True) or final ou
 FOLD_MERGE = tl.constexpr($fold_merge)  # SPLIT_KV: the tile's last program merges (no merge launch)
 ROPE = tl.constexpr($rope)  # q (and with WRITE_KV the new k) arrive before their rotary embedding
 WRITE_KV = tl.constexpr($write_kv)  # the tree's K/V come from new_k/new_v and are stored into the cache
-ROPE_SHUFFLE = tl.constexpr($rope_shuffle)  # ROPE: rotate_half(x) from x's registers (D a power of two)
 DOT_PRECISION = tl.constexpr("$dot_precision")  # "ieee" for fp32 inputs: no tf32 rounding
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -106,26 +105,17 @@ def _merge_partials(lse_rows, o_rows, row_ok, d_ok, num_parts, stride_ls, stride
 
 
 @triton.jit
-def _rotated(x_rows, cos_ptr, sin_ptr, table, d, ok, stride_xd, ROWS: tl.constexpr):
+def _rotated(x_rows, cos_ptr, sin_ptr, table, d, ok, stride_xd):
     # x' = x cos + rotate_half(x) sin in fp32 (rounded by the caller), rotate_half(x)[d] =
     # -x[d + D/2] for d < D/2, x[d - D/2] otherwise: kv_write's and the reference's formula
+    half = HEAD_DIM // 2
+    partner = tl.where(d < half, d + half, d - half)
+    sign = tl.where(d < half, -1.0, 1.0)
     x = tl.load(x_rows + d[None, :] * stride_xd, mask=ok, other=0.0).to(tl.float32)
+    x_partner = tl.load(x_rows + partner[None, :] * stride_xd, mask=ok, other=0.0).to(tl.float32)
     cos = tl.load(cos_ptr + table, mask=ok, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + table, mask=ok, other=0.0).to(tl.float32)
-    if ROPE_SHUFFLE:
-        # rotate_half(x) = cat(-x[:, D/2:], x[:, :D/2]) rearranged from the loaded tile (BLOCK_D = D):
-        # [ROWS, 2, D/2] -> pairs (x[d], x[d + D/2]) -> joined back as (-x[d + D/2], x[d])
-        pairs = tl.permute(tl.reshape(x, [ROWS, 2, BLOCK_D // 2]), [0, 2, 1])
-        low, high = tl.split(pairs)
-        turned = tl.reshape(tl.permute(tl.join(-high, low), [0, 2, 1]), [ROWS, BLOCK_D])
-        return x * cos + turned * sin
-    else:
-        # the partner element gathered by a second load (any D)
-        half = HEAD_DIM // 2
-        partner = tl.where(d < half, d + half, d - half)
-        sign = tl.where(d < half, -1.0, 1.0)
-        x_partner = tl.load(x_rows + partner[None, :] * stride_xd, mask=ok, other=0.0).to(tl.float32)
-        return x * cos + sign[None, :] * x_partner * sin
+    return x * cos + sign[None, :] * x_partner * sin
 
 
 @triton.jit
@@ -198,7 +188,7 @@ def tree_attention_kernel(
     if ROPE:
         # rotated in fp32 and rounded once to q's dtype (as Inductor's fused rotation was)
         table = b * stride_rb + token[:, None] * stride_rt + d[None, :]
-        q = _rotated(q_rows, cos_ptr, sin_ptr, table, d, q_ok, stride_qd, BLOCK_M).to(q_ptr.dtype.element_ty)
+        q = _rotated(q_rows, cos_ptr, sin_ptr, table, d, q_ok, stride_qd).to(q_ptr.dtype.element_ty)
     else:
         q = tl.load(q_rows + d[None, :] * stride_qd, mask=q_ok, other=0.0)
     k_base = k_ptr + b * stride_kb + kv_head * stride_kh
@@ -266,7 +256,7 @@ def tree_attention_kernel(
             new_k_rows = new_k_base + node[:, None] * stride_nkt
             if ROPE:
                 key_table = b * stride_rb + node[:, None] * stride_rt + d[None, :]
-                k = _rotated(new_k_rows, cos_ptr, sin_ptr, key_table, d, new, stride_nkd, BLOCK_N).to(k_ptr.dtype.element_ty)
+                k = _rotated(new_k_rows, cos_ptr, sin_ptr, key_table, d, new, stride_nkd).to(k_ptr.dtype.element_ty)
             else:
                 k = tl.load(new_k_rows + d[None, :] * stride_nkd, mask=new, other=0.0).to(k_ptr.dtype.element_ty)
             v = tl.load(new_v_base + node[:, None] * stride_nvt + d[None, :] * stride_nvd, mask=new,
@@ -377,8 +367,7 @@ def _merge_rows(num_parts: int, head_dim: int) -> int:
 
 
 def kernel_source(*, head_dim: int, gqa_group: int, dtype: str, block_m: int, block_n: int, split_kv: bool,
-                  fold_merge: bool = False, rope: bool = False, write_kv: bool = False,
-                  rope_shuffle: bool = False) -> str:
+                  fold_merge: bool = False, rope: bool = False, write_kv: bool = False) -> str:
     """The tree-attention kernels' source for these static parameters (deterministic).
 
     dtype is "float32", "float16" or "bfloat16" (q's and the caches'); it picks the dot
@@ -386,12 +375,8 @@ def kernel_source(*, head_dim: int, gqa_group: int, dtype: str, block_m: int, bl
     picks partial results for the merge kernel (True) or the final output (False); fold_merge
     (with split_kv) merges in the tile's last program instead of a merge kernel; rope rotates q
     on load by the cos/sin tables (lowering/rotary.py); write_kv takes the tree's K/V from the
-    new k/v (k rotated too with rope) and stores them into the cache (specc::kv_write_attention);
-    rope_shuffle forms rotate_half(x) from the loaded tile instead of a second, gathering load
-    (only where D is a power of two >= 16, so the tile holds exactly D columns).
+    new k/v (k rotated too with rope) and stores them into the cache (specc::kv_write_attention).
     """
-    if rope_shuffle and max(16, next_power_of_2(head_dim)) != head_dim:
-        raise ValueError(f"rope_shuffle needs a head dim that is a power of two >= 16; got {head_dim}")
     if dtype not in DTYPE_NAMES.values():
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPE_NAMES.values())}")
     return render(
@@ -406,7 +391,6 @@ def kernel_source(*, head_dim: int, gqa_group: int, dtype: str, block_m: int, bl
         fold_merge=bool(split_kv and fold_merge),
         rope=bool(rope),
         write_kv=bool(write_kv),
-        rope_shuffle=bool(rope and rope_shuffle),
         dot_precision="ieee" if dtype == "float32" else "tf32",
     )
 
@@ -429,13 +413,6 @@ def write_kv_stages(num_stages: int, head_dim: int) -> int:
 # 1,024: 1 token 0.84x, 65 tokens (5 tiles of 64 rows) 0.77x. Nothing was measured between 5 and
 # 13 tiles.
 MAX_WRITE_KV_ROW_TILES = 8
-
-# Form rotate_half(x) of a rotated tile (q, or the new k with WRITE_KV) from the tile already
-# loaded (tl.reshape/permute/split/join) rather than by a second load gathering x[d +- D/2],
-# which Triton cannot vectorise; only where D is a power of two >= 16 (BLOCK_D = D). False: the
-# gathering load, for any D. Off until a GPU has timed it (scripts/kv_write_bench.py, variant
-# ropeshuffle of scripts/step_variants.py); on the CPU both forms give the same bits.
-ROPE_SHUFFLE = False
 
 
 def compile_without_gpu(source: str, dtype: str, *, num_warps: int, num_stages: int, arch: int = 90):
@@ -690,7 +667,6 @@ def tree_attention_triton(
         kernel_source(
             head_dim=head_dim, gqa_group=group, dtype=DTYPE_NAMES[q.dtype], block_m=block_m, block_n=block_n,
             split_kv=split_kv, fold_merge=fold, rope=rope, write_kv=new_kv is not None,
-            rope_shuffle=ROPE_SHUFFLE and max(16, next_power_of_2(head_dim)) == head_dim,
         ),
     )
 

@@ -14,9 +14,11 @@ Every setting's caches are checked against the reference (kv_write_reference on 
 before it is timed; `halves` is also compared bit for bit with `partner`. Each setting is
 captured as REPEATS calls in one CUDA graph (median µs per call of 30 replays).
 
-Then tree attention with q rotated inside the kernel (rope_cos/rope_sin), rotate_half(q) formed
-from the loaded tile (ROPE_SHUFFLE) or by a second, gathering load, against the same call given
-q already rotated: what the rotation on load costs at 1 and 65 queries.
+Then tree attention with q rotated inside the kernel (rope_cos/rope_sin) against the same call
+given q already rotated: what the rotation on load costs at 1 and 65 queries. (A form that built
+rotate_half(q) from the loaded tile with reshape/permute/split/join, instead of the second,
+gathering load, was timed here at commit 4a9c0a2 and was slower at every shape: 1.11-1.18x the
+given-q call against 1.01-1.13x, results/2026-12-06e_h100/kv_write_bench_call2.log; removed.)
 Prints tables, writes JSON.
 """
 
@@ -31,7 +33,6 @@ import torch
 from specc.bench.common import graph_us_per_call
 from specc.lowering.kv_write import kv_write_reference
 from specc.lowering import kv_write_triton as kv_write_module
-from specc.lowering import tree_attention_triton as attention_module
 from specc.lowering.kv_write_triton import kv_write_triton, launch_settings
 from specc.lowering.rotary import rotate_reference
 from specc.lowering.tree import ancestor_mask
@@ -109,8 +110,7 @@ def _kv_write_cases(results: dict) -> None:
 
 
 def _attention_cases(results: dict) -> None:
-    print(f"\n{'shape':10} {'queries':>7} {'context':>7} {'shuffled us':>11} {'gathered us':>11} {'given us':>9} "
-          f"{'shuffled/given':>14} {'gathered/given':>14}")
+    print(f"\n{'shape':10} {'queries':>7} {'context':>7} {'rotated in us':>13} {'given us':>9} {'in/given':>8}")
     dtype = torch.bfloat16
     for name, (n_heads, n_kv, head_dim, capacity, context, _) in SHAPES.items():
         for steps in (1, 65):
@@ -133,26 +133,18 @@ def _attention_cases(results: dict) -> None:
             def given():
                 tree_attention_triton(q_rotated, k_cache, v_cache, 0, cache_len, mask, scale, out=out_given)
 
+            rotated_in()
             given()
-            in_us, outs = {}, {}
-            for shuffle in (True, False):  # the launch reads ROPE_SHUFFLE, also when a graph is captured
-                attention_module.ROPE_SHUFFLE = shuffle
-                rotated_in()
-                torch.cuda.synchronize()
-                outs[shuffle] = out_in.clone()
-                error = ((out_in.float() - out_given.float()).norm() / out_given.float().norm()).item()
-                if error > 0.01:
-                    raise SystemExit(f"{name} {steps} queries: q rotated in the kernel (shuffle {shuffle}) and given "
-                                     f"rotated disagree (relative error {error:.3g})")
-                in_us[shuffle] = graph_us_per_call(rotated_in, calls=REPEATS, replays=30)
-            attention_module.ROPE_SHUFFLE = False
+            torch.cuda.synchronize()
+            error = ((out_in.float() - out_given.float()).norm() / out_given.float().norm()).item()
+            if error > 0.01:
+                raise SystemExit(f"{name} {steps} queries: q rotated in the kernel and given rotated disagree "
+                                 f"(relative error {error:.3g})")
+            in_us = graph_us_per_call(rotated_in, calls=REPEATS, replays=30)
             given_us = graph_us_per_call(given, calls=REPEATS, replays=30)
-            forms_equal = bool(torch.equal(outs[True], outs[False]))
-            results["attention"].append({"shape": name, "queries": steps, "context": context,
-                                         "shuffled_us": in_us[True], "gathered_us": in_us[False],
-                                         "given_us": given_us, "forms_bit_equal": forms_equal})
-            print(f"{name:10} {steps:7d} {context:7d} {in_us[True]:11.2f} {in_us[False]:11.2f} {given_us:9.2f} "
-                  f"{in_us[True] / given_us:14.2f} {in_us[False] / given_us:14.2f}  (forms bit-equal: {forms_equal})")
+            results["attention"].append({"shape": name, "queries": steps, "context": context, "rotated_in_us": in_us,
+                                         "given_us": given_us, "relative_error": error})
+            print(f"{name:10} {steps:7d} {context:7d} {in_us:13.2f} {given_us:9.2f} {in_us / given_us:8.2f}")
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ ENV = _Environment()
 
 def _switches(name: str) -> tuple[dict, bool]:
     """(the module attributes and Inductor options a variant sets, whether plain decode changes)."""
-    from specc.lowering import kv_write_triton, topk_triton, tree_attention_triton
+    from specc.lowering import kv_write_triton, topk_triton
     from specc.passes import decode_step, speculative_step
 
     table = {
@@ -73,9 +73,8 @@ def _switches(name: str) -> tuple[dict, bool]:
         # 2026-12-06d: the rotary tables in one buffer for every op (off by default)
         "sharedrope": ({(ENV, "SPECC_SHARE_ROTARY_TABLES"): "1"}, True),
         # 2026-12-06e: kv_write's launch before launch_settings (plain's one-token write is the
-        # same under both), and q's rotate_half formed in registers instead of by a gathering load
+        # same under both)
         "kvtiles16": ({(kv_write_triton, "TILE_RULE"): "tiles16"}, False),
-        "ropeshuffle": ({(tree_attention_triton, "ROPE_SHUFFLE"): True}, True),
         "combo": ({(torch._inductor.config, "combo_kernels"): True}, True),
         "cdt": ({(torch._inductor.config, "coordinate_descent_tuning"): True}, True),
     }

@@ -11,7 +11,6 @@ this catches both here. Registers and spills are only known to a driver, so not 
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 
 import pytest
@@ -48,8 +47,7 @@ def _cannot_compile() -> str | None:
 def launches() -> list[tuple]:
     """(label, kernel_source kwargs, num_warps, num_stages) of the launches tree_attention_triton
     makes: split decode (T = 1) and verify (T = 65) steps, one-pass prefill (T = 300), bf16 and
-    fp32, with and without WRITE_KV, q's rotate_half gathered and shuffled (ROPE_SHUFFLE);
-    duplicates dropped."""
+    fp32, with and without WRITE_KV; duplicates dropped."""
     seen, cases = set(), []
     for shape, (n_heads, n_kv, head_dim) in SHAPES.items():
         group = n_heads // n_kv
@@ -59,16 +57,14 @@ def launches() -> list[tuple]:
                 blocks = _decode_blocks(rows, head_dim) if split and dtype != torch.float32 else \
                     _choose_blocks(rows, head_dim, dtype)
                 block_m, block_n, warps, stages = blocks
-                for write_kv, shuffle in itertools.product((False, True), (False, True)):
+                for write_kv in (False, True):
                     params = dict(head_dim=head_dim, gqa_group=group, dtype=DTYPE_NAMES[dtype], block_m=block_m,
-                                  block_n=block_n, split_kv=split, rope=True, write_kv=write_kv,
-                                  rope_shuffle=shuffle)
+                                  block_n=block_n, split_kv=split, rope=True, write_kv=write_kv)
                     launch_stages = write_kv_stages(stages, head_dim) if write_kv else stages
                     key = (tuple(sorted(params.items())), warps, launch_stages)
                     if key not in seen:
                         seen.add(key)
-                        label = (f"{shape}-{DTYPE_NAMES[dtype]}-T{steps}-{'write_kv' if write_kv else 'attend'}"
-                                 f"{'-shuffle' if shuffle else ''}")
+                        label = f"{shape}-{DTYPE_NAMES[dtype]}-T{steps}-{'write_kv' if write_kv else 'attend'}"
                         cases.append(pytest.param(params, warps, launch_stages, id=label))
     return cases
 

@@ -137,33 +137,6 @@ def test_the_kernel_rotating_q_equals_the_reference_on_the_rotated_q(case, share
 
 
 @interpreted
-def test_both_forms_of_the_rotation_give_the_same_output(monkeypatch):
-    # ROPE_SHUFFLE forms rotate_half(q) from the loaded tile, the other form by a second load
-    # gathering q[d +- D/2]: the same products and sums, so the same bits (the new k too, with
-    # WRITE_KV, whose cache it also stores).
-    from specc.lowering import tree_attention_triton as module
-
-    for head_dim in (16, 64):
-        case = dict(batch=2, n_kv=2, group=3, head_dim=head_dim, parents=[[-1, 0, 0, 1, 3], [-1, 0, 1, 1, 2]],
-                    cache_len=[5, 40], spare=2, n_layers=1, layer=0, num_splits=2, dtype=torch.float32,
-                    heads_last=True, score_scale=1.0, seed=head_dim)
-        q, k_cache, v_cache, cache_len, tree_mask = make_inputs(case)
-        steps = q.shape[2]
-        cos, sin = rotary_tables(2, steps, head_dim, torch.float32, head_dim, shared=False)
-        gen = torch.Generator().manual_seed(1)
-        new_k, new_v = torch.randn(2, 2, steps, head_dim, generator=gen), torch.randn(2, 2, steps, head_dim, generator=gen)
-        results = []
-        for shuffle in (True, False):
-            monkeypatch.setattr(module, "ROPE_SHUFFLE", shuffle)
-            caches = (k_cache.clone(), v_cache.clone())
-            out = run_kernel(q, *caches, 0, cache_len, tree_mask, 0.125, num_splits=2, rope_cos=cos, rope_sin=sin,
-                             new_kv=(new_k, new_v), write_kv_in_launch=True)
-            results.append((out, *caches))
-        for shuffled, gathered in zip(*results):
-            assert torch.equal(shuffled, gathered)
-
-
-@interpreted
 @settings(max_examples=20, deadline=None)
 @given(case=attention_cases(max_steps=6, max_cache=200), num_splits=st.sampled_from([3, 7, 9]))
 def test_the_merge_ignores_what_empty_chunks_left_in_their_scratch(case, num_splits):
