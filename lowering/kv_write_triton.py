@@ -10,8 +10,9 @@ and copies a [BLOCK_T, D] tile, casting to the cache's dtype. With ROPE the K pr
 their tile first (lowering/rotary.py), in fp32:
     k'[d] = k[d] cos[d] - k[d + D/2] sin[d]        d < D/2
     k'[d] = k[d] cos[d] + k[d - D/2] sin[d]        d >= D/2
-With HALVES (launch_settings' choice past one token) a K program loads, rotates and stores its tile as two [BLOCK_T, D/2]
-halves, x1 = k[..., :D/2] and x2 = k[..., D/2:], so every load is of contiguous elements:
+With HALVES (launch_settings' choice past one token) a K program loads, rotates and stores its
+tile as two [BLOCK_T, D/2] halves, x1 = k[..., :D/2] and x2 = k[..., D/2:], so every load is of
+contiguous elements:
     k'[:D/2] = x1 cos[:D/2] - x2 sin[:D/2]        k'[D/2:] = x2 cos[D/2:] + x1 sin[D/2:]
 (the same products and sums as the partner form above, so the same fp32 values); without it, the
 whole tile and a partner tile gathered at d +- D/2, which Triton cannot load as vectors.
@@ -170,13 +171,14 @@ def generated_sources() -> dict[str, str]:
 TILE_RULE = "small"
 
 
-def launch_settings(steps: int, head_dim: int) -> dict:
-    """block_t, num_warps and halves for a write of `steps` new tokens (TILE_RULE's choice)."""
-    if TILE_RULE == "tiles16":
+def launch_settings(steps: int, head_dim: int, rule: str | None = None) -> dict:
+    """block_t, num_warps and halves for a write of `steps` new tokens by `rule` (default TILE_RULE)."""
+    rule = TILE_RULE if rule is None else rule
+    if rule == "tiles16":
         block_t = min(16, next_power_of_2(steps))
         return dict(block_t=block_t, num_warps=1 if block_t * head_dim <= 1024 else 4, halves=False)
-    if TILE_RULE != "small":
-        raise ValueError(f"kv_write_triton.TILE_RULE={TILE_RULE!r}; use 'small' or 'tiles16'")
+    if rule != "small":
+        raise ValueError(f"kv_write tile rule {rule!r}; use 'small' or 'tiles16'")
     if steps == 1:
         return dict(block_t=1, num_warps=1, halves=False)
     return dict(block_t=2 if steps <= 32 else 8, num_warps=4, halves=True)

@@ -32,7 +32,6 @@ import torch
 
 from specc.bench.common import graph_us_per_call
 from specc.lowering.kv_write import kv_write_reference
-from specc.lowering import kv_write_triton as kv_write_module
 from specc.lowering.kv_write_triton import kv_write_triton, launch_settings
 from specc.lowering.rotary import rotate_reference
 from specc.lowering.tree import ancestor_mask
@@ -75,10 +74,7 @@ def _kv_write_cases(results: dict) -> None:
             want_k, want_v = k_cache.clone(), v_cache.clone()
             kv_write_reference(want_k, 0, rotate_reference(k.float(), cos.float(), sin.float()), cache_len)
             kv_write_reference(want_v, 0, v, cache_len)
-            rule = launch_settings(steps, head_dim)
-            kv_write_module.TILE_RULE = "tiles16"
-            old_rule = launch_settings(steps, head_dim)
-            kv_write_module.TILE_RULE = "small"
+            rule, old_rule = launch_settings(steps, head_dim), launch_settings(steps, head_dim, "tiles16")
             timings, written = [], {}
             for setting in _settings(steps):
                 got_k, got_v = k_cache.clone(), v_cache.clone()

@@ -124,6 +124,9 @@ def test_launch_settings_follow_the_measured_rule():
     assert launch_settings(1, 64) == dict(block_t=1, num_warps=1, halves=False)
     assert launch_settings(18, 64) == dict(block_t=2, num_warps=4, halves=True)
     assert launch_settings(65, 128) == dict(block_t=8, num_warps=4, halves=True)
+    assert launch_settings(65, 64, "tiles16") == dict(block_t=16, num_warps=1, halves=False)
+    with pytest.raises(ValueError, match="use 'small' or 'tiles16'"):
+        launch_settings(4, 64, "large")
 
 
 def test_a_block_t_that_is_no_power_of_two_is_refused():
