@@ -49,7 +49,7 @@ ENV = _Environment()
 
 def _switches(name: str) -> tuple[dict, bool]:
     """(the module attributes and Inductor options a variant sets, whether plain decode changes)."""
-    from specc.lowering import kv_write_triton, topk_triton
+    from specc.lowering import kv_write_triton, topk_triton, tree_attention_triton
     from specc.passes import decode_step, speculative_step
 
     table = {
@@ -75,6 +75,15 @@ def _switches(name: str) -> tuple[dict, bool]:
         # 2026-12-06e: kv_write's launch before launch_settings (plain's one-token write is the
         # same under both)
         "kvtiles16": ({(kv_write_triton, "TILE_RULE"): "tiles16"}, False),
+        # 2026-12-07: Inductor's GEMM autotuning (cuBLAS against its Triton templates, which
+        # can take their neighbours' pointwise ops as prologue or epilogue), with every backend
+        # or the templates alone; and tree attention's prefix chunks of at least 512 keys
+        "autotune": ({(torch._inductor.config, "max_autotune_gemm"): True}, True),
+        "autotune_triton": ({(torch._inductor.config, "max_autotune_gemm"): True,
+                             (torch._inductor.config, "max_autotune_gemm_backends"): "TRITON"}, True),
+        "minchunk512": ({(tree_attention_triton, "_MIN_CHUNK"): 512}, True),
+        # and the top-k's int64 keys for 16-bit logits (before topk_triton.NARROW_KEYS)
+        "widekeys": ({(topk_triton, "NARROW_KEYS"): False}, True),
         "combo": ({(torch._inductor.config, "combo_kernels"): True}, True),
         "cdt": ({(torch._inductor.config, "coordinate_descent_tuning"): True}, True),
     }

@@ -1,4 +1,6 @@
-"""Time specc::topk's two launches per stage-1 chunk and warps, at the step's shapes (GPU).
+"""Time specc::topk's two launches per stage-1 chunk and warps, at the step's shapes (GPU);
+int32 keys (topk_triton.NARROW_KEYS, for 16-bit x) at every setting, int64 keys (the default
+until they are turned on) at the default chunk.
 
     python3 scripts/topk_bench.py --out topk_bench.json
 
@@ -23,6 +25,7 @@ import torch
 
 from specc.bench.common import graph_us_per_call
 from specc.lowering.topk import topk_reference
+from specc.lowering import topk_triton as topk_module
 from specc.lowering.topk_triton import _num_warps, default_chunk, topk_triton
 
 # name: (rows, V, k)
@@ -50,17 +53,31 @@ def main() -> None:
         x = (4 * torch.randn(rows, n_cols, generator=gen, device=device)).to(dtype)
         want = topk_reference(x, k)[1]
         timings = []
-        for chunk in CHUNKS:
-            for warps in sorted({_num_warps(chunk), max(1, _num_warps(chunk) // 2), min(8, 2 * _num_warps(chunk))}):
-                got = topk_triton(x, k, chunk=chunk, warps=warps)[1]
-                us = graph_us_per_call(lambda: topk_triton(x, k, chunk=chunk, warps=warps), calls=REPEATS, replays=30)
-                timings.append({"chunk": chunk, "warps": warps, "us": us, "equal": bool(torch.equal(got, want))})
+        saved = topk_module.NARROW_KEYS
+        for narrow in (True, False):  # int32 keys, then int64 keys
+            topk_module.NARROW_KEYS = narrow
+            try:
+                for chunk in CHUNKS if narrow else (default_chunk(n_cols, k),):
+                    for warps in sorted({_num_warps(chunk), max(1, _num_warps(chunk) // 2), min(8, 2 * _num_warps(chunk))}):
+                        got = topk_triton(x, k, chunk=chunk, warps=warps)[1]
+                        us = graph_us_per_call(lambda: topk_triton(x, k, chunk=chunk, warps=warps), calls=REPEATS, replays=30)
+                        timings.append({"keys": "int32" if narrow else "int64", "chunk": chunk, "warps": warps, "us": us,
+                                        "equal": bool(torch.equal(got, want))})
+            finally:
+                topk_module.NARROW_KEYS = saved
         best = min(timings, key=lambda t: t["us"])
-        default = next(t for t in timings if t["chunk"] == default_chunk(n_cols, k) and t["warps"] == _num_warps(t["chunk"]))
+
+        def default_of(keys: str) -> dict:
+            return next(t for t in timings if t["keys"] == keys and t["chunk"] == default_chunk(n_cols, k)
+                        and t["warps"] == _num_warps(t["chunk"]))
+
+        default, wide = default_of("int32"), default_of("int64")
         results["shapes"].append({"name": name, "rows": rows, "n_cols": n_cols, "k": k, "timings": timings})
-        cells = "  ".join(f"{t['chunk']}/{t['warps']}w {t['us']:5.2f}{'' if t['equal'] else ' WRONG'}" for t in timings)
-        print(f"{name:14s} rows {rows:3d} V {n_cols} k {k:2d}: default {default['us']:5.2f} µs, best "
-              f"{best['chunk']}/{best['warps']}w {best['us']:5.2f} µs | {cells}", flush=True)
+        cells = "  ".join(f"{t['keys'][3:]}:{t['chunk']}/{t['warps']}w {t['us']:5.2f}{'' if t['equal'] else ' WRONG'}"
+                          for t in timings)
+        print(f"{name:14s} rows {rows:3d} V {n_cols} k {k:2d}: default chunk, int32 keys {default['us']:5.2f} µs, "
+              f"int64 keys {wide['us']:5.2f}; best {best['keys']} {best['chunk']}/{best['warps']}w {best['us']:5.2f} µs | {cells}",
+              flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
 

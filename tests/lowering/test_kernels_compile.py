@@ -1,5 +1,6 @@
 """The attention kernel compiles for an H100 (sm_90) in every launch specc makes at SmolLM2's and
-Llama-3-8B's shapes, within Hopper's shared memory, on a machine without a GPU.
+Llama-3-8B's shapes, within Hopper's shared memory, on a machine without a GPU; so do the top-k
+kernels at the step's shapes with either key width.
 
 Triton's interpreter, which runs the other kernel tests on the CPU, accepted two forms of the
 K/V-writing kernel that then failed on the GPU's first call (a loop variable reassigned with
@@ -76,3 +77,30 @@ def test_the_attention_kernel_compiles_for_sm90_within_shared_memory(params, war
         pytest.skip(reason)
     compiled = compile_without_gpu(kernel_source(**params), params["dtype"], num_warps=warps, num_stages=stages)
     assert 0 < compiled.metadata.shared <= HOPPER_SHARED_BYTES, f"{compiled.metadata.shared:,} bytes of shared memory"
+
+
+@pytest.mark.parametrize("narrow", [False, True], ids=["int64-keys", "int32-keys"])
+@pytest.mark.parametrize(("n_cols", "k"), [(16384, 12), (16384, 4), (49152, 1)], ids=["draft-k12", "draft-k4", "argmax"])
+def test_the_topk_kernels_compile_for_sm90_with_either_key_width(n_cols, k, narrow):
+    # the draft's top-k over its 16,384-token vocabulary and the verifier's argmax over SmolLM2's
+    # 49,152 tokens, bf16, at the default chunk and warps; int32 keys (topk_triton.NARROW_KEYS)
+    # should make each selection step one warp reduction instruction
+    reason = _cannot_compile()
+    if reason:
+        pytest.skip(reason)
+    from specc.lowering.codegen import load_kernel_module, next_power_of_2
+    from specc.lowering.topk_triton import _num_warps, default_chunk
+    from specc.lowering.topk_triton import kernel_source as topk_source
+
+    chunk = default_chunk(n_cols, k)
+    module = load_kernel_module("topk", topk_source(n_cols=n_cols, k=k, dtype=torch.bfloat16, chunk=chunk,
+                                                    narrow=narrow))
+    key = "*i32" if narrow else "*i64"
+    stage1 = compile_for_gpu(module.topk_chunks_kernel, {"x_ptr": "*i16", "cand_ptr": key, "x_row": "i32"},
+                             num_warps=_num_warps(chunk), num_stages=1)
+    n_cand = -(-n_cols // chunk) * k
+    compile_for_gpu(module.topk_merge_kernel, {"cand_ptr": key, "x_ptr": "*i16", "values_ptr": "*i16",
+                                               "indices_ptr": "*i64", "x_row": "i32"},
+                    num_warps=_num_warps(next_power_of_2(n_cand)), num_stages=1)
+    if narrow:
+        assert stage1.asm["ptx"].count("redux.sync.max.s32") == k

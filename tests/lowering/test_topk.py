@@ -251,29 +251,76 @@ def test_kernel_takes_any_leading_dims_and_strides_in_interpreter():
 @interpreted
 def test_kernel_source_is_deterministic_and_dumped_in_interpreter():
     from specc.lowering.codegen import all_generated_sources
-    from specc.lowering.topk_triton import default_chunk, generated_sources, kernel_source
+    from specc.lowering.topk_triton import default_chunk, generated_sources, kernel_source, narrow_keys
 
     assert default_chunk(16384, 12) == 512 and default_chunk(49152, 1) == 1024  # the draft's top-k, an argmax
     assert default_chunk(100, 5) == 128 and default_chunk(3, 1) == 16
-    params = dict(n_cols=49152, k=8, dtype=torch.bfloat16, chunk=512)  # the kernel run below uses the default chunk
+    # the kernel run below: the default chunk and key width
+    params = dict(n_cols=49152, k=8, dtype=torch.bfloat16, chunk=512, narrow=narrow_keys(49152, torch.bfloat16))
     source = kernel_source(**params)
     assert kernel_source.__wrapped__(**params) == source
     for line in ("N_COLS = tl.constexpr(49152)", "K = tl.constexpr(8)", "N_CHUNKS = tl.constexpr(96)",
                  "N_CAND = tl.constexpr(768)", "BLOCK_CAND = tl.constexpr(1024)", "INF_BITS = tl.constexpr(0x7f80)"):
         assert line in source, line
-    assert kernel_source(n_cols=49152, k=8, dtype=torch.float16, chunk=512) != source
+    widths = {
+        True: ("KEY_SHIFT = tl.constexpr(16)", "INDEX_BASE = tl.constexpr(65535)", "EMPTY = tl.constexpr(-2147483648)"),
+        False: ("KEY_SHIFT = tl.constexpr(32)", "INDEX_BASE = tl.constexpr(2147483647)",
+                "EMPTY = tl.constexpr(-9223372036854775808)"),
+    }
+    for narrow, lines in widths.items():
+        for line in lines:
+            assert line in kernel_source(**dict(params, narrow=narrow)), (narrow, line)
+    assert kernel_source(**dict(params, dtype=torch.float16)) != source
     check_kernel_against_reference(make_x((1, 49152), torch.bfloat16, "random", seed=5), 8)
     assert source in generated_sources().values()
     assert source in all_generated_sources().values()
-    for bad in (dict(params, chunk=100), dict(params, k=0), dict(params, dtype=torch.float64)):
+    for bad in (dict(params, chunk=100), dict(params, k=0), dict(params, dtype=torch.float64),
+                dict(params, dtype=torch.float32, narrow=True), dict(params, n_cols=65537, narrow=True)):
         with pytest.raises(ValueError):
             kernel_source(**bad)
 
 
+@interpreted
+def test_narrow_and_wide_keys_select_alike_in_interpreter():
+    # int32 keys (16-bit x, V <= 2^16) against int64 keys: the same indices and value bits,
+    # with ties across chunks, -inf rows, NaN and signed zeros, and V = 2^16 (the widest
+    # narrow row: column 65535's low word is 0). Rows past 2^16 and fp32 keep int64 keys.
+    from specc.lowering import topk_triton as module
+
+    def select(x, k, chunk, narrow: bool):
+        saved, module.NARROW_KEYS = module.NARROW_KEYS, narrow
+        try:
+            assert module.narrow_keys(x.shape[-1], x.dtype) == narrow
+            return check_kernel_against_reference(x, k, chunk)
+        finally:
+            module.NARROW_KEYS = saved
+
+    saved, module.NARROW_KEYS = module.NARROW_KEYS, True
+    try:
+        assert module.narrow_keys(65536, torch.bfloat16) and module.narrow_keys(16384, torch.float16)
+        assert not module.narrow_keys(65537, torch.bfloat16) and not module.narrow_keys(100, torch.float32)
+    finally:
+        module.NARROW_KEYS = saved
+    cases = [((2, 300), 7, 64), ((1, 1000), 20, 256), ((1, 65536), 5, None)]
+    for dtype in (torch.bfloat16, torch.float16):
+        for shape, k, chunk in cases:
+            for kind in ("random", "levels", "neg_inf", "special"):
+                x = make_x(shape, dtype, kind, seed=k + shape[-1])
+                if shape[-1] == 65536:
+                    x[..., -1] = float("inf")  # the last column must win: its key's low word is 0
+                narrow, wide = select(x, k, chunk, True), select(x, k, chunk, False)
+                assert torch.equal(narrow, wide), (dtype, shape, k, kind)
+                if shape[-1] == 65536 and kind != "special":
+                    assert int(narrow.reshape(-1)[0]) == 65535
+
+
 @pytest.mark.gpu
-def test_kernel_equals_reference_on_gpu():
+@pytest.mark.parametrize("narrow", [False, True])
+def test_kernel_equals_reference_on_gpu(narrow, monkeypatch):
+    from specc.lowering import topk_triton as module
     from specc.lowering.topk_triton import topk_triton
 
+    monkeypatch.setattr(module, "NARROW_KEYS", narrow)  # int32 keys where they apply (16-bit, V <= 2^16)
     for dtype in DTYPES:
         for shape, k in (((1, 64, 49152), 8), ((4, 64, 49152), 64), ((3, 8, 49152), 1), ((2, 7, 128256), 10),
                          ((5, 1000), 64), ((2, 3), 3)):
