@@ -10,7 +10,7 @@
 # variants: VARIANTS="none split merge" (results/2026-12-03b_h200/variant_spec.py: this code and each kernel change undone, side by side).
 # rotary: VARIANTS="unfused rotary" (results/2026-12-03c_h200/variant_spec.py: SPECC_FUSE_ROTARY=0, then the default, side by side).
 # draftfuse: VARIANTS="unfused fused fold" (results/2026-12-03d_h200/variant_spec.py: SPECC_FUSE_DRAFT_LINEAR=0 (the default), =1, and =1 with the folded attention merge).
-# topk_bench: scripts/topk_bench.py (specc::topk's stage-1 chunk and warps at the step's shapes).
+# topk_bench: scripts/topk_bench.py (specc::topk's stage-1 chunk, warps and key width at the step's shapes).
 # kv_bench: scripts/kv_write_attention_bench.py (specc::kv_write_attention's one launch against kv_write + tree_attention).
 # kvw_bench: scripts/kv_write_bench.py (kv_write's launch settings; q's rotation inside tree attention).
 # linear_bench: scripts/fused_linear_bench.py (specc::fused_linear against Inductor + cuBLAS at the draft's shapes).

@@ -1,6 +1,6 @@
 """Time specc::topk's two launches per stage-1 chunk and warps, at the step's shapes (GPU);
-int32 keys (topk_triton.NARROW_KEYS, for 16-bit x) at every setting, int64 keys (the default
-until they are turned on) at the default chunk.
+int32 keys (topk_triton.NARROW_KEYS, the default for 16-bit x since 2026-12-07) at every
+setting, int64 keys (before) at the default chunk.
 
     python3 scripts/topk_bench.py --out topk_bench.json
 
