@@ -28,8 +28,9 @@ Narrow keys (NARROW_KEYS, 16-bit x with V <= 2^16): a 16-bit float's order fits 
 column 16 bits, so the same ranking fits an int32:
   key = order(bits) * 2^16 + (2^16 - 1 - column)                              (int32)
 order(bits) lies in [-32641 (-inf), 32767 (NaN)], so every key is > -32642 * 2^16 > -2^31 and
-EMPTY = -2^31 is below them all. A warp's max reduction then moves one 32-bit register a lane
-per shuffle instead of two, and the selection loops compare one word per key instead of two.
+EMPTY = -2^31 is below them all. A warp's max reduction is then one redux.sync.max.s32 (sm_80 and
+later) instead of five rounds of two 32-bit shuffles, and the selection loops compare one word
+per key instead of two.
 
 The source is generated from `TOPK_TEMPLATE` specialised on V, k, the dtype and CHUNK, and
 loaded by lowering/codegen.py (written to the kernel cache folder, imported, memoised);
@@ -162,9 +163,13 @@ NARROW_KEYS = True
 _NARROW_MAX_COLS = 1 << 16
 
 
+def _fits_narrow(n_cols: int, dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16) and n_cols <= _NARROW_MAX_COLS
+
+
 def narrow_keys(n_cols: int, dtype: torch.dtype) -> bool:
     """Whether rows of `n_cols` `dtype` values rank by int32 keys (else int64)."""
-    return NARROW_KEYS and dtype in (torch.bfloat16, torch.float16) and n_cols <= _NARROW_MAX_COLS
+    return NARROW_KEYS and _fits_narrow(n_cols, dtype)
 
 
 def _num_warps(block: int) -> int:
@@ -183,7 +188,7 @@ def kernel_source(*, n_cols: int, k: int, dtype: torch.dtype, chunk: int, narrow
     """The kernels' source for rows of `n_cols` `dtype` values, top `k`, stage-1 chunks of
     `chunk` entries, ranked by int32 keys when `narrow` (16-bit dtypes, n_cols <= 2^16; else
     int64 keys) (deterministic)."""
-    if narrow and (dtype not in (torch.bfloat16, torch.float16) or n_cols > _NARROW_MAX_COLS):
+    if narrow and not _fits_narrow(n_cols, dtype):
         raise ValueError(f"narrow (int32) keys need a 16-bit dtype and n_cols <= {_NARROW_MAX_COLS}; "
                          f"got {dtype}, n_cols={n_cols}")
     if dtype not in _FORMATS:
