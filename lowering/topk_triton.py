@@ -164,7 +164,8 @@ _NARROW_MAX_COLS = 1 << 16
 
 
 def _fits_narrow(n_cols: int, dtype: torch.dtype) -> bool:
-    return dtype in (torch.bfloat16, torch.float16) and n_cols <= _NARROW_MAX_COLS
+    # a dtype the kernel reads as int16 (bf16, fp16: _FORMATS) has a 16-bit order
+    return dtype in _FORMATS and _FORMATS[dtype][1] == torch.int16 and n_cols <= _NARROW_MAX_COLS
 
 
 def narrow_keys(n_cols: int, dtype: torch.dtype) -> bool:
