@@ -29,15 +29,17 @@ KV_WRITE_ATTENTION = torch.ops.specc.kv_write_attention.default
 def fuse_kv_write_default() -> bool:
     """SPECC_FUSE_KV_WRITE=1 writes each layer's K/V inside its attention launch (where that
     launch has at most tree_attention_triton.MAX_WRITE_KV_ROW_TILES row tiles; the launcher
-    writes apart past that). Off by default until a GPU has timed it as it is now. Fusing every
-    pair, on an H100 (results/2026-12-06d_h100, MT-Bench, batch 1, decode time per step): plain
-    891.0 µs against 901.7 (-1.2%), speculative 1,199.8 against 1,195.8 (+0.3%). Alone, one launch
-    took 0.85-0.95 times the two at the draft's 12 and 18 new tokens, 0.90-1.02 at plain's one,
-    and 1.02-1.19 at 65, the verify's size (scripts/kv_write_attention_bench.py). The row-tile
-    rule that keeps the verify apart came after that run; with it, the fp32 GPU equivalence
-    tests (tests/test_generate_gpu.py) passed (results/2026-12-06e_h100, call 1), but no
-    benchmark has timed it. The first form of the kernel, one key loop for the cache and the new
-    K/V, ran 1.1 to 1.8 times slower (results/2026-12-06c_h100)."""
+    writes apart past that). Off by default: it has not shortened the speculative step. Fusing
+    every pair, on an H100 (results/2026-12-06d_h100, MT-Bench, batch 1, decode time per step):
+    plain 891.0 µs against 901.7 (-1.2%), speculative 1,199.8 against 1,195.8 (+0.3%). Alone, one
+    launch took 0.85-0.95 times the two at the draft's 12 and 18 new tokens, 0.90-1.02 at plain's
+    one, and 1.02-1.19 at 65, the verify's size (scripts/kv_write_attention_bench.py). The
+    row-tile rule that keeps the verify apart came after that run; with it, the fp32 GPU
+    equivalence tests (tests/test_generate_gpu.py) passed (results/2026-12-06e_h100, call 1), and
+    side by side (results/2026-12-07b_h100, scripts/step_variants.py, prompt 0) the speculative
+    step's span was 1,238.5 µs against 1,219.9 (+1.5%), plain's 935.4 against 945.6. The first
+    form of the kernel, one key loop for the cache and the new K/V, ran 1.1 to 1.8 times slower
+    (results/2026-12-06c_h100)."""
     return env_choice("SPECC_FUSE_KV_WRITE", "0", {"1": "one launch writes K/V and attends",
                                                     "0": "a kv_write launch before each attention"}) == "1"
 

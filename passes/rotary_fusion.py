@@ -55,7 +55,10 @@ def share_tables_default() -> bool:
     With the switch, one stride-fixing node per table (Inductor's inductor_force_stride_order,
     value-preserving) makes Inductor compute it into one buffer that every op reads: on the CPU,
     one kernel instead of one per four layers. The fp32 GPU equivalence tests passed with it
-    (results/2026-12-06e_h100, call 1); off by default until a GPU run times it."""
+    (results/2026-12-06e_h100, call 1). Timed side by side on an H100 (results/2026-12-07b_h100,
+    scripts/step_variants.py, prompt 0): plain 307 kernels against 314, span 930.6 µs against
+    945.6 (the defaults ran first; earlier runs took 939.9-944.2); the speculative step 1,220.9
+    against 1,219.9. Off by default: the speculative step does not gain."""
     return env_choice("SPECC_SHARE_ROTARY_TABLES", "0", {"1": "one table buffer for every op",
                                                           "0": "Inductor's copy per op"}) == "1"
 

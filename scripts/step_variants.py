@@ -77,7 +77,9 @@ def _switches(name: str) -> tuple[dict, bool]:
         "kvtiles16": ({(kv_write_triton, "TILE_RULE"): "tiles16"}, False),
         # 2026-12-07: Inductor's GEMM autotuning (cuBLAS against its Triton templates, which
         # can take their neighbours' pointwise ops as prologue or epilogue), with every backend
-        # or the templates alone; and tree attention's prefix chunks of at least 512 keys
+        # or the templates alone; and tree attention's prefix chunks of at least 512 keys.
+        # autotune's plain step was still compiling after ~110 s, 8 GEMM shapes tuned
+        # (results/2026-12-07b_h100): give it a call of its own, `after` beside it
         "autotune": ({(torch._inductor.config, "max_autotune_gemm"): True}, True),
         "autotune_triton": ({(torch._inductor.config, "max_autotune_gemm"): True,
                              (torch._inductor.config, "max_autotune_gemm_backends"): "TRITON"}, True),
